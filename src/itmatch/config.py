@@ -1,0 +1,189 @@
+"""Configs as data: nested dataclasses filled from preset JSON files and `key=value` overrides.
+
+A run is described by one `RunConfig`: the architecture's model config, the training schedule and
+the loss. Presets (`src/itmatch/presets/*.json`) name a paper's or an official code's settings;
+`--set model.attention.temperature=4` changes one field. Unknown keys and wrong types are errors
+that list what is allowed, so a typo never silently trains the wrong model.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import Any, Literal
+
+from itmatch.errors import ConfigError
+
+
+@dataclass
+class LossConfig:
+    margin: float = 0.2
+    # "sum": every violating negative in the batch; "hardest": the hardest one (VSE++ max violation).
+    negatives: Literal["sum", "hardest"] = "hardest"
+    # Epochs trained with "sum" before switching to `negatives` (VSE-infinity's warm-up): hardest
+    # negatives from the start often stall at loss = 2 * batch * margin for several epochs.
+    warmup_epochs: int = 0
+    # The official CMCAN/SCAN code sums the loss over the batch instead of averaging it.
+    reduction: Literal["sum", "mean"] = "sum"
+    # Two captions of one image in a batch are not each other's negatives; the official code
+    # (which masks only the diagonal) counts them as negatives.
+    exclude_same_image: bool = True
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 30
+    batch_size: int = 128
+    learning_rate: float = 2e-4
+    # Step decay: lr = learning_rate * lr_decay_factor ** (epoch // lr_decay_epochs).
+    lr_decay_epochs: int = 15
+    lr_decay_factor: float = 0.1
+    grad_clip: float = 2.0
+    workers: int = 0
+    seed: int = 0
+    # Peers validate on the first 5,000 dev captions (1,000 images); None uses the whole split.
+    dev_max_captions: int | None = 5000
+    eval_batch_size: int = 128
+    # Also write last.pt every this many steps inside an epoch (0: only at epoch ends).
+    checkpoint_every: int = 500
+    log_every: int = 20
+
+
+@dataclass
+class RunConfig:
+    preset: str
+    architecture: str
+    model: Any
+    train: TrainConfig = field(default_factory=TrainConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def from_dict(cls: type, data: dict, where: str = "") -> Any:
+    """Builds dataclass `cls` from a nested dict, checking every key and value type."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or 'config'}: expected a mapping, got {data!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(
+            f"unknown config key {where + unknown[0]!r}; valid keys here: {', '.join(sorted(fields))}"
+        )
+    hints = typing.get_type_hints(cls)
+    values = {name: _coerce(hints[name], data[name], where + name) for name in data}
+    return cls(**values)
+
+
+def _coerce(hint: Any, value: Any, where: str) -> Any:
+    origin = typing.get_origin(hint)
+    if dataclasses.is_dataclass(hint):
+        return from_dict(hint, value, where + ".")
+    if origin is Literal:
+        if value not in typing.get_args(hint):
+            raise ConfigError(f"{where} must be one of {list(typing.get_args(hint))}, got {value!r}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(hint)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in (o for o in options if o is not type(None)):
+            try:
+                return _coerce(option, value, where)
+            except ConfigError as error:
+                errors.append(str(error))
+        raise ConfigError("; ".join(errors))
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where} must be true or false, got {value!r}")
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where} must be an integer, got {value!r}")
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{where} must be a number, got {value!r}")
+    if hint is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{where} must be a string, got {value!r}")
+    raise ConfigError(f"{where}: unsupported config type {hint}")
+
+
+def parse_overrides(assignments: list[str]) -> dict:
+    """Turns ["model.embed_size=256", "loss.negatives=sum"] into a nested dict.
+
+    Values are read as JSON when they parse (numbers, true/false, null), else as strings.
+    """
+    nested: dict = {}
+    for assignment in assignments:
+        key, sep, raw = assignment.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set expects key=value, got {assignment!r}")
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        node = nested
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {key}: {part} is not a group of settings")
+        node[parts[-1]] = value
+    return nested
+
+
+def merge(base: dict, update: dict) -> dict:
+    merged = copy.deepcopy(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def preset_names() -> list[str]:
+    folder = resources.files("itmatch") / "presets"
+    return sorted(p.name[: -len(".json")] for p in folder.iterdir() if p.name.endswith(".json"))
+
+
+def load_preset(name: str) -> dict:
+    path = resources.files("itmatch") / "presets" / f"{name}.json"
+    if not path.is_file():
+        raise ConfigError(f"unknown preset {name!r}; available: {', '.join(preset_names())}")
+    return json.loads(path.read_text())
+
+
+def build_run_config(preset: str | dict, overrides: dict | None = None) -> RunConfig:
+    """A RunConfig from a preset name (or a saved config dict) and nested overrides."""
+    from itmatch.models.registry import config_class
+
+    raw = load_preset(preset) if isinstance(preset, str) else copy.deepcopy(preset)
+    raw.pop("description", None)
+    raw.pop("reference", None)
+    raw = merge(raw, overrides or {})
+    for key in ("architecture", "preset"):
+        if key not in raw:
+            raise ConfigError(f"config has no {key!r}")
+    model = from_dict(config_class(raw["architecture"]), raw.get("model", {}), "model.")
+    unknown = sorted(set(raw) - {"architecture", "preset", "model", "train", "loss"})
+    if unknown:
+        raise ConfigError(f"unknown config key {unknown[0]!r}; valid: preset, architecture, model, train, loss")
+    return RunConfig(
+        preset=raw["preset"],
+        architecture=raw["architecture"],
+        model=model,
+        train=from_dict(TrainConfig, raw.get("train", {}), "train."),
+        loss=from_dict(LossConfig, raw.get("loss", {}), "loss."),
+    )
