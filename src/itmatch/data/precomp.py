@@ -1,0 +1,290 @@
+"""One split of a SCAN/CMCAN "precomp" folder: region features, captions, boxes, region graph.
+
+Opening a split checks every file cheaply (headers, counts, caption text) and never reads the
+features into memory: COCO's train features are 33 GB and stay a memory map.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+
+from itmatch.data.adjacency import adjacency_file_name, directional_adjacency
+from itmatch.errors import ConfigError, DataError
+from itmatch.files import atomic_write
+
+_FEATURES_SUFFIX = "_ims.npy"
+# Images per block when checking an adjacency file's values (bounded memory on 113k images).
+_CHECK_CHUNK = 4096
+
+
+def read_captions(path: str | Path) -> list[str]:
+    """The stripped lines of a UTF-8 file; an empty line is an error, a final newline is not."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise DataError(path, "file not found") from None
+    except OSError as error:
+        raise DataError(path, f"cannot be read ({error.strerror})") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = data.count(b"\n", 0, error.start) + 1
+        raise DataError(path, f"line {line} is not valid UTF-8 ({error.reason})") from None
+    lines = text.split("\n")
+    if lines[-1] == "":
+        lines.pop()
+    lines = [line.strip() for line in lines]
+    if not lines:
+        raise DataError(path, "is empty")
+    empty = [number for number, line in enumerate(lines, start=1) if not line]
+    if empty:
+        more = f" (and {len(empty) - 1:,} more)" if len(empty) > 1 else ""
+        raise DataError(path, f"line {empty[0]} is empty{more}")
+    return lines
+
+
+def list_splits(data_dir: str | Path) -> list[str]:
+    """The splits of a precomp folder: the names before `_ims.npy`, sorted."""
+    return sorted(p.name[: -len(_FEATURES_SUFFIX)] for p in Path(data_dir).glob(f"*{_FEATURES_SUFFIX}"))
+
+
+def _load_npy(path: Path, mmap: bool = False) -> np.ndarray:
+    """np.load with every failure turned into a DataError naming the file."""
+    try:
+        with open(path, "rb") as file:
+            magic = file.read(len(np.lib.format.MAGIC_PREFIX))
+    except FileNotFoundError:
+        raise DataError(path, "file not found") from None
+    except OSError as error:
+        raise DataError(path, f"cannot be read ({error.strerror})") from None
+    # Without this check numpy calls any non-.npy file "pickled data".
+    if magic != np.lib.format.MAGIC_PREFIX:
+        raise DataError(path, "is not a .npy file (no NumPy header)")
+    try:
+        return np.load(path, mmap_mode="r") if mmap else np.load(path, allow_pickle=True)
+    except Exception as error:  # a damaged header or pickled object array can raise almost anything
+        raise DataError(path, f"is truncated or corrupt ({type(error).__name__}: {error})") from None
+
+
+def cache_root() -> Path:
+    """`$ITMATCH_CACHE`, else `~/.cache/itmatch`."""
+    return Path(os.environ.get("ITMATCH_CACHE") or Path.home() / ".cache" / "itmatch")
+
+
+def _is_writable(folder: Path) -> bool:
+    # Asked up front rather than caught on failure, so a read-only folder costs no partial write.
+    return os.access(folder, os.W_OK)
+
+
+class PrecompSplit:
+    """`{split}_ims.npy`, `{split}_caps.txt` and the optional ids, boxes, sizes and graph files."""
+
+    def __init__(self, data_dir: str | Path, split: str, max_captions: int | None = None):
+        self.data_dir = Path(data_dir)
+        self.split = split
+        self.features_path = self.data_dir / f"{split}{_FEATURES_SUFFIX}"
+        self.captions_path = self.data_dir / f"{split}_caps.txt"
+        self.ids_path = self.data_dir / f"{split}_ids.txt"
+        self.boxes_path = self.data_dir / f"{split}_ims_bbx.npy"
+        self.sizes_path = self.data_dir / f"{split}_ims_size.npy"
+
+        self._features = self._open_features()
+        self._n_images_in_file = self._features.shape[0]
+        self.captions = read_captions(self.captions_path)
+        self.captions_per_image = self._count_captions_per_image()
+        self.ids = self._read_ids()
+        self.n_images = self._n_images_in_file
+        self._adjacency: dict[tuple[int, bool], np.ndarray] = {}
+        if max_captions is not None:
+            self.truncate_captions(max_captions)
+
+    # ---- opening ----
+
+    def _open_features(self) -> np.ndarray:
+        features = _load_npy(self.features_path, mmap=True)
+        if features.ndim != 3:
+            raise DataError(
+                self.features_path,
+                f"has shape {features.shape}: expected 3 axes (images, regions, feature dim)",
+            )
+        if not np.issubdtype(features.dtype, np.floating):
+            raise DataError(self.features_path, f"has dtype {features.dtype}: expected floating point")
+        if 0 in features.shape:
+            raise DataError(self.features_path, f"has shape {features.shape}: no data")
+        return features
+
+    def _count_captions_per_image(self) -> int:
+        n_captions, n_images = len(self.captions), self._n_images_in_file
+        if n_captions % n_images:
+            raise DataError(
+                self.captions_path,
+                f"has {n_captions:,} captions for {n_images:,} images in "
+                f"{self.features_path.name}: not a multiple",
+            )
+        return n_captions // n_images
+
+    def _read_ids(self) -> list[str] | None:
+        if not self.ids_path.exists():
+            return None
+        ids = read_captions(self.ids_path)
+        if len(ids) != self._n_images_in_file:
+            raise DataError(
+                self.ids_path,
+                f"has {len(ids):,} ids for {self._n_images_in_file:,} images in {self.features_path.name}",
+            )
+        return ids
+
+    def truncate_captions(self, max_captions: int) -> None:
+        """Keep the first `max_captions` captions and their images (all of them if fewer)."""
+        if max_captions <= 0 or max_captions % self.captions_per_image:
+            raise ConfigError(
+                f"max_captions must be a positive multiple of {self.captions_per_image} "
+                f"(captions per image in {self.captions_path}), got {max_captions}"
+            )
+        self.n_images = min(self.n_images, max_captions // self.captions_per_image)
+        self.captions = self.captions[: self.n_captions]
+        if self.ids is not None:
+            self.ids = self.ids[: self.n_images]
+
+    # ---- features and captions ----
+
+    @property
+    def features(self) -> np.ndarray:
+        """(n_images, R, F) memory map."""
+        return self._features[: self.n_images]
+
+    @property
+    def n_captions(self) -> int:
+        return self.n_images * self.captions_per_image
+
+    @property
+    def n_regions(self) -> int:
+        return self._features.shape[1]
+
+    @property
+    def feature_dim(self) -> int:
+        return self._features.shape[2]
+
+    def image_of_caption(self, k: int | np.ndarray) -> int | np.ndarray:
+        return k // self.captions_per_image
+
+    def check_finite(self, image_index: int) -> None:
+        """Raise a DataError if one image's features hold NaN or infinity (cheap: one image)."""
+        if not np.isfinite(self._features[image_index]).all():
+            raise DataError(self.features_path, f"image {image_index} has NaN or infinite features")
+
+    # ---- boxes, sizes, region graph ----
+
+    @property
+    def has_boxes(self) -> bool:
+        return self.boxes_path.exists() and self.sizes_path.exists()
+
+    @property
+    def boxes(self) -> np.ndarray:
+        """(n_images, R, 4) float32 x1, y1, x2, y2 in pixels."""
+        return self._all_boxes[: self.n_images]
+
+    @property
+    def image_sizes(self) -> np.ndarray:
+        """(n_images, 2) int64 (w, h) in pixels."""
+        return self._all_sizes[: self.n_images]
+
+    @cached_property
+    def _all_boxes(self) -> np.ndarray:
+        raw = _load_npy(self.boxes_path)
+        try:
+            boxes = np.stack(raw.tolist()) if raw.dtype == object else raw
+            boxes = boxes.astype(np.float32)
+        except (ValueError, TypeError) as error:
+            raise DataError(self.boxes_path, f"does not hold numeric boxes ({error})") from None
+        expected = (self._n_images_in_file, self.n_regions, 4)
+        if boxes.shape != expected:
+            raise DataError(
+                self.boxes_path,
+                f"has shape {boxes.shape}: expected {expected} to match {self.features_path.name}",
+            )
+        if not np.isfinite(boxes).all():
+            bad = int(np.flatnonzero(~np.isfinite(boxes).all(axis=(1, 2)))[0])
+            raise DataError(self.boxes_path, f"image {bad} has NaN or infinite box coordinates")
+        return boxes
+
+    @cached_property
+    def _all_sizes(self) -> np.ndarray:
+        raw = _load_npy(self.sizes_path)
+        try:
+            if raw.dtype == object:
+                # CMCAN's format: one {'image_w', 'image_h'} dict per image.
+                raw = np.array([(d["image_w"], d["image_h"]) for d in raw.tolist()], dtype=np.float64)
+            sizes = raw.astype(np.float64)
+        except (KeyError, TypeError, ValueError, IndexError) as error:
+            raise DataError(
+                self.sizes_path,
+                f"must hold {{'image_w', 'image_h'}} dicts or (w, h) rows ({type(error).__name__}: {error})",
+            ) from None
+        expected = (self._n_images_in_file, 2)
+        if sizes.shape != expected:
+            raise DataError(
+                self.sizes_path,
+                f"has shape {sizes.shape}: expected {expected} to match {self.features_path.name}",
+            )
+        valid = np.isfinite(sizes).all(axis=1) & (sizes > 0).all(axis=1)
+        if not valid.all():
+            bad = int(np.flatnonzero(~valid)[0])
+            raise DataError(self.sizes_path, f"image {bad} has size {sizes[bad].tolist()}: must be positive")
+        return sizes.astype(np.int64)
+
+    def adjacency(self, per_direction: int = 1, self_loops: bool = True) -> np.ndarray:
+        """(n_images, R, R) directional region graph, a memory map.
+
+        Uses `{data_dir}/{adjacency_file_name(...)}` when present, else the copy in
+        `adjacency_cache_dir`; a file older than the boxes or sizes is ignored. Otherwise the graph
+        is built from boxes and sizes and saved in the data folder if writable (replacing a stale
+        file), else in the cache folder.
+        """
+        key = (per_direction, self_loops)
+        if key not in self._adjacency:
+            self._adjacency[key] = self._load_or_build_adjacency(per_direction, self_loops)
+        return self._adjacency[key][: self.n_images]
+
+    @property
+    def adjacency_cache_dir(self) -> Path:
+        """Where graphs go when the data folder is read-only: one folder per data folder."""
+        digest = hashlib.sha256(str(self.data_dir.resolve()).encode()).hexdigest()[:16]
+        return cache_root() / digest
+
+    def _load_or_build_adjacency(self, per_direction: int, self_loops: bool) -> np.ndarray:
+        name = adjacency_file_name(self.split, per_direction, self_loops)
+        for path in (self.data_dir / name, self.adjacency_cache_dir / name):
+            if path.exists() and not self._is_stale(path):
+                return self._open_adjacency(path)
+        if not self.has_boxes:
+            missing = self.boxes_path if not self.boxes_path.exists() else self.sizes_path
+            raise DataError(missing, f"file not found: it is needed to build {name}")
+        adjacency = directional_adjacency(self._all_boxes, self._all_sizes, per_direction, self_loops)
+        folder = self.data_dir if _is_writable(self.data_dir) else self.adjacency_cache_dir
+        atomic_write(folder / name, lambda file: np.save(file, adjacency))
+        return self._open_adjacency(folder / name)
+
+    def _is_stale(self, path: Path) -> bool:
+        """Older than the boxes or sizes it derives from (when those are present)."""
+        sources = [p.stat().st_mtime_ns for p in (self.boxes_path, self.sizes_path) if p.exists()]
+        return bool(sources) and path.stat().st_mtime_ns < max(sources)
+
+    def _open_adjacency(self, path: Path) -> np.ndarray:
+        adjacency = _load_npy(path, mmap=True)
+        expected = (self._n_images_in_file, self.n_regions, self.n_regions)
+        if adjacency.shape != expected:
+            raise DataError(
+                path, f"has shape {adjacency.shape}: expected {expected} to match {self.features_path.name}"
+            )
+        for start in range(0, expected[0], _CHECK_CHUNK):
+            block = adjacency[start : start + _CHECK_CHUNK]
+            if not ((block == 0) | (block == 1)).all():
+                raise DataError(path, "holds values other than 0 and 1")
+        return adjacency
