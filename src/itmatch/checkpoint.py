@@ -1,0 +1,110 @@
+"""itmatch checkpoints: one file with the model weights, the full run config and the vocabulary.
+
+Files hold only tensors, numbers, strings, lists and dicts, so they load with
+`torch.load(weights_only=True)` (no pickled code runs), and are written atomically: a run killed
+while saving keeps its previous checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+from itmatch.config import RunConfig, build_run_config
+from itmatch.data.vocab import Vocabulary
+from itmatch.device import default_device
+from itmatch.errors import CheckpointError, ConfigError, DataError
+from itmatch.files import atomic_write
+from itmatch.models.registry import create_model
+
+FORMAT = "itmatch-checkpoint"
+VERSION = 1
+
+
+def save_checkpoint(path: str | Path, model, config: RunConfig, **state) -> None:
+    """Writes model weights, config, vocabulary and any extra training `state` atomically."""
+    payload = {
+        "format": FORMAT,
+        "version": VERSION,
+        "architecture": config.architecture,
+        "preset": config.preset,
+        "config": config.to_dict(),
+        "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "vocab": None if model.vocab is None else list(model.vocab.words),
+        **state,
+    }
+    atomic_write(Path(path), lambda file: torch.save(payload, file))
+
+
+def read_checkpoint(path: str | Path) -> dict:
+    """The raw checkpoint dict, after checking that it is an itmatch checkpoint."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(path, "no such file")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises many types for corrupt or foreign files
+        if _is_official_cmcan(path):
+            raise CheckpointError(
+                path, "this is an official CMCAN training checkpoint; convert it first with "
+                "`itmatch convert official-cmcan CKPT OUT.pt`"
+            ) from None
+        raise CheckpointError(path, f"not a readable itmatch checkpoint ({type(error).__name__}: {error})") from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise CheckpointError(path, "not an itmatch checkpoint (no 'format: itmatch-checkpoint' entry)")
+    if payload.get("version") != VERSION:
+        raise CheckpointError(path, f"checkpoint format version {payload.get('version')} is not supported")
+    return payload
+
+
+def _is_official_cmcan(path: Path) -> bool:
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:
+        return False
+    return isinstance(payload, dict) and isinstance(payload.get("model"), list) and "opt" in payload
+
+
+def load_checkpoint(
+    path: str | Path,
+    device: torch.device | str | None = None,
+    architecture: str | None = None,
+    preset: str | None = None,
+):
+    """The model of an itmatch checkpoint, in eval mode on `device` (default: CUDA if present).
+
+    `architecture` / `preset`, when given, must match the checkpoint's: a checkpoint of another
+    model is an error, not a silently half-loaded model.
+    """
+    payload = read_checkpoint(path)
+    model, _ = model_from_payload(payload, path, architecture, preset)
+    return model.to(device or default_device()).eval()
+
+
+def model_from_payload(payload: dict, path, architecture: str | None = None, preset: str | None = None):
+    """(model, run config) of a checkpoint payload; the weights are loaded strictly."""
+    if architecture is not None and payload["architecture"] != architecture:
+        raise CheckpointError(
+            path, f"holds a {payload['architecture']} model ({payload['preset']}), not {architecture}"
+        )
+    if preset is not None and payload["preset"] != preset:
+        raise CheckpointError(path, f"was trained with preset {payload['preset']}, not {preset}")
+    try:
+        config = build_run_config(payload["config"])
+    except ConfigError as error:
+        raise CheckpointError(path, f"its config does not fit this version of itmatch: {error}") from None
+    model = create_model(config.architecture, config.model)
+    try:
+        model.load_state_dict(payload["model"])
+    except RuntimeError as error:
+        raise CheckpointError(path, f"weights do not fit the {config.preset} model: {error}") from None
+    if payload.get("vocab") is not None:
+        try:
+            model.vocab = Vocabulary(payload["vocab"])
+        except DataError as error:
+            raise CheckpointError(path, f"its vocabulary is invalid: {error.problem}") from None
+    model.run_config = config
+    return model, config

@@ -1,0 +1,220 @@
+"""The one interface every matcher implements: encode images, encode texts, score pairs.
+
+Training, evaluation and retrieval only use this interface. Embedding models score a pair by a dot
+product of two vectors; cross-attention models run a network on every image-caption pair, which
+`CrossAttentionMatcher.score` tiles over images x captions so that memory stays bounded.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from itmatch.errors import InputError
+
+
+@dataclass
+class Encoded:
+    """Per-item tensors of one modality, the item axis first.
+
+    Text encodings keep their words padded: keys in `padded` have the word axis second, and
+    `mask` (items, words) tells which positions are real words.
+    """
+
+    tensors: dict[str, Tensor]
+    padded: frozenset[str] = frozenset()
+
+    def __len__(self) -> int:
+        return next(iter(self.tensors.values())).shape[0]
+
+    def __getitem__(self, key: str) -> Tensor:
+        return self.tensors[key]
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.tensors
+
+    def select(self, index: slice | Tensor) -> Encoded:
+        """A subset of the items, with word padding trimmed to the longest caption kept."""
+        picked = {key: value[index] for key, value in self.tensors.items()}
+        if "mask" in picked and self.padded:
+            length = max(int(picked["mask"].sum(1).max().item()), 1) if len(picked["mask"]) else 1
+            for key in self.padded:
+                picked[key] = picked[key][:, :length]
+        return Encoded(picked, self.padded)
+
+    def to(self, device: torch.device | str) -> Encoded:
+        return Encoded({k: v.to(device) for k, v in self.tensors.items()}, self.padded)
+
+    @staticmethod
+    def cat(parts: list[Encoded]) -> Encoded:
+        """Concatenates encodings of consecutive batches, padding the word axis to the longest."""
+        padded = parts[0].padded
+        out = {}
+        for key in parts[0].tensors:
+            values = [p.tensors[key] for p in parts]
+            if key in padded:
+                length = max(v.shape[1] for v in values)
+                values = [nn.functional.pad(v, _pad_spec(v, length)) for v in values]
+            out[key] = torch.cat(values)
+        return Encoded(out, padded)
+
+
+def _pad_spec(value: Tensor, length: int) -> tuple[int, ...]:
+    # F.pad lists (left, right) pairs from the last axis backwards; only axis 1 grows.
+    spec = [0, 0] * (value.dim() - 2) + [0, length - value.shape[1]]
+    return tuple(spec)
+
+
+def word_mask(lengths: Tensor, max_length: int) -> Tensor:
+    return torch.arange(max_length, device=lengths.device)[None, :] < lengths[:, None]
+
+
+class Matcher(nn.Module):
+    """Base class of every model: subclasses set `architecture` and `config_class`."""
+
+    architecture: ClassVar[str]
+    config_class: ClassVar[type]
+    # Models that read the region graph (CMCAN) need adjacency, or boxes and image sizes.
+    needs_adjacency: ClassVar[bool] = False
+
+    def __init__(self, config) -> None:
+        super().__init__()
+        self.config = config
+        self.vocab = None  # the Vocabulary the word ids refer to (set by training / loading)
+        self.run_config = None  # the RunConfig (preset, training settings) it was built from
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def adjacency_spec(self) -> tuple[int, bool] | None:
+        """(neighbours per direction, self loops) of the region graph the model reads, if any."""
+        return None
+
+    # -- the interface -------------------------------------------------------------------------
+    def encode_images(self, features: Tensor, adjacency: Tensor | None = None) -> Encoded:
+        raise NotImplementedError
+
+    def encode_texts(self, tokens: Tensor, lengths: Tensor) -> Encoded:
+        raise NotImplementedError
+
+    def score(self, images: Encoded, texts: Encoded, memory_budget: int | None = None, progress: bool = False) -> Tensor:
+        """Scores of every image with every text: (n_images, n_texts)."""
+        raise NotImplementedError
+
+    def similarity(
+        self,
+        images: Tensor,
+        captions: Tensor,
+        lengths: Tensor,
+        adjacency: Tensor | None = None,
+        boxes: Tensor | None = None,
+        image_sizes: Tensor | None = None,
+    ) -> Tensor:
+        """The (n_images, n_captions) score matrix of region features and token-id captions.
+
+        For models that read the region graph, `adjacency` is derived from `boxes` and
+        `image_sizes` (w, h) when it is not given.
+        """
+        if self.needs_adjacency and adjacency is None:
+            adjacency = self._adjacency_from_boxes(images, boxes, image_sizes)
+        return self(images, captions, lengths, adjacency)
+
+    def forward(self, features: Tensor, tokens: Tensor, lengths: Tensor, adjacency: Tensor | None = None) -> Tensor:
+        """The score matrix of a batch: what training calls (and DistributedDataParallel wraps)."""
+        return self.score(self.encode_images(features, adjacency), self.encode_texts(tokens, lengths))
+
+    # -- input checks shared by the subclasses ---------------------------------------------------
+    def _check_features(self, features: Tensor, feature_dim: int, n_regions: int | None) -> Tensor:
+        if not torch.is_tensor(features) or features.dim() != 3 or not features.is_floating_point():
+            raise InputError(
+                "image features must be a float tensor of shape (n_images, n_regions, feature_dim), "
+                f"got {_describe(features)}"
+            )
+        if features.shape[2] != feature_dim:
+            raise InputError(f"the model expects {feature_dim}-d region features, got {features.shape[2]}-d")
+        if n_regions is not None and features.shape[1] != n_regions:
+            raise InputError(
+                f"the model expects {n_regions} regions per image (set when it was trained), "
+                f"got {features.shape[1]}"
+            )
+        if not torch.isfinite(features).all():
+            bad = (~torch.isfinite(features)).flatten(1).any(1).nonzero().flatten().tolist()
+            raise InputError(f"image features contain NaN or inf (images {bad[:10]})")
+        return features.to(self.device, torch.float32)
+
+    def _check_tokens(self, tokens: Tensor, lengths: Tensor, vocab_size: int) -> tuple[Tensor, Tensor]:
+        if not torch.is_tensor(tokens) or tokens.dim() != 2 or tokens.dtype not in (torch.int64, torch.int32):
+            raise InputError(f"captions must be an integer tensor (n_captions, max_length), got {_describe(tokens)}")
+        lengths = torch.as_tensor(lengths, dtype=torch.int64).flatten()
+        if lengths.shape[0] != tokens.shape[0]:
+            raise InputError(f"{tokens.shape[0]} captions but {lengths.shape[0]} lengths")
+        if len(lengths) and (lengths.min() < 1 or lengths.max() > tokens.shape[1]):
+            raise InputError(f"caption lengths must be within 1..{tokens.shape[1]}, got {lengths.tolist()[:10]}")
+        if tokens.numel() and (tokens.min() < 0 or tokens.max() >= vocab_size):
+            raise InputError(f"word ids must be within 0..{vocab_size - 1} (the model's vocabulary)")
+        return tokens.to(self.device, torch.int64), lengths
+
+    def _adjacency_from_boxes(self, images: Tensor, boxes, image_sizes) -> Tensor:
+        from itmatch.data.adjacency import directional_adjacency
+
+        if boxes is None or image_sizes is None:
+            raise InputError(f"{self.architecture} needs the region graph: pass adjacency, or boxes and image_sizes")
+        boxes = np.asarray(torch.as_tensor(boxes).cpu(), dtype=np.float32)
+        sizes = np.asarray(torch.as_tensor(image_sizes).cpu())
+        if boxes.shape != (*images.shape[:2], 4) or sizes.shape != (images.shape[0], 2):
+            raise InputError(
+                f"boxes must be (n_images, n_regions, 4) and image_sizes (n_images, 2) for features "
+                f"of shape {tuple(images.shape)}; got {boxes.shape} and {sizes.shape}"
+            )
+        per_direction, self_loops = self.adjacency_spec()
+        graph = directional_adjacency(boxes, sizes, per_direction=per_direction, self_loops=self_loops)
+        return torch.from_numpy(graph)
+
+
+def _describe(value) -> str:
+    if torch.is_tensor(value):
+        return f"{value.dtype} tensor of shape {tuple(value.shape)}"
+    return type(value).__name__
+
+
+class EmbeddingMatcher(Matcher):
+    """Scores by the dot product of one image vector and one text vector (key "vector")."""
+
+    def score(self, images: Encoded, texts: Encoded, memory_budget: int | None = None, progress: bool = False) -> Tensor:
+        return images["vector"] @ texts["vector"].T
+
+
+class CrossAttentionMatcher(Matcher):
+    """Scores every pair with a network; `score_pairs` does one tile of images x texts."""
+
+    default_memory_budget: ClassVar[int] = 64 << 20  # small tiles stay in cache: faster on CPU
+
+    def score_pairs(self, images: Encoded, texts: Encoded) -> Tensor:
+        raise NotImplementedError
+
+    def bytes_per_pair(self, n_regions: int, n_words: int) -> int:
+        """An estimate of the working memory one pair needs inside `score_pairs`."""
+        raise NotImplementedError
+
+    def score(self, images: Encoded, texts: Encoded, memory_budget: int | None = None, progress: bool = False) -> Tensor:
+        budget = memory_budget or self.default_memory_budget
+        n_words = texts["mask"].shape[1]
+        pairs = max(1, budget // self.bytes_per_pair(images["regions"].shape[1], n_words))
+        image_tile = max(1, min(len(images), math.isqrt(pairs)))
+        text_tile = max(1, min(len(texts), pairs // image_tile))
+        rows = []
+        for i in tqdm(range(0, len(images), image_tile), desc="score pairs", disable=not progress, leave=False):
+            image_part = images.select(slice(i, i + image_tile))
+            row = [
+                self.score_pairs(image_part, texts.select(slice(j, j + text_tile)))
+                for j in range(0, len(texts), text_tile)
+            ]
+            rows.append(torch.cat(row, dim=1))
+        return torch.cat(rows, dim=0)

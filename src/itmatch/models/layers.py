@@ -1,0 +1,129 @@
+"""Building blocks shared by the cross-attention models (CMCAN, and SCAN/SGRAF which use the same
+cross attention, similarity vectors and graph reasoning)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+
+def l2norm(x: Tensor, dim: int = -1, eps: float = 1e-8) -> Tensor:
+    # eps is added to the norm (not clamped) as in the official SCAN/SGRAF/CMCAN code, so that
+    # all-zero rows (padding) stay zero. vector_norm, unlike pow-sum-sqrt, has a zero gradient
+    # at a zero vector instead of 0/0 = NaN: batched padding makes such vectors common.
+    return x / (torch.linalg.vector_norm(x, dim=dim, keepdim=True) + eps)
+
+
+def xavier_init(module: nn.Module) -> None:
+    """The official code's initialisation: uniform Xavier for Linear layers, zero biases."""
+    for layer in module.modules():
+        if isinstance(layer, nn.Linear):
+            bound = math.sqrt(6.0) / math.sqrt(layer.in_features + layer.out_features)
+            nn.init.uniform_(layer.weight, -bound, bound)
+            if layer.bias is not None:
+                nn.init.zeros_(layer.bias)
+
+
+@dataclass
+class CrossAttentionConfig:
+    # lambda: inverse temperature of the softmax over the attended items.
+    temperature: float = 9.0
+    activation: Literal["leaky_relu", "relu"] = "leaky_relu"
+    leaky_slope: float = 0.1
+    # Which axis the clipped cosine scores are l2-normalised over before the softmax: SCAN's code
+    # (and CMCAN's) normalises over the query items, the CMCAN paper over the attended items.
+    normalize_over: Literal["queries", "keys"] = "queries"
+    # The official code l2-normalises the attended vector; the paper's a_i is the plain sum.
+    normalize_output: bool = True
+
+
+def attention_weights(scores: Tensor, config: CrossAttentionConfig, key_mask: Tensor | None = None) -> Tensor:
+    """Softmax weights over keys from cosine scores (..., queries, keys).
+
+    Padding items must already score 0 (their embeddings are zero), so they add nothing to the
+    normalisation; `key_mask` keeps padded keys out of the softmax.
+    """
+    if config.activation == "leaky_relu":
+        scores = nn.functional.leaky_relu(scores, config.leaky_slope)
+    else:
+        scores = scores.clamp(min=0)
+    scores = l2norm(scores, dim=-2 if config.normalize_over == "queries" else -1)
+    logits = scores * config.temperature
+    if key_mask is not None:
+        logits = logits.masked_fill(~key_mask, float("-inf"))
+    return torch.softmax(logits, dim=-1)
+
+
+@dataclass
+class SimilarityVectorConfig:
+    # The official code computes l2norm(ReLU(W (a-b)^2 + bias)); the paper W (a-b)^2 / ||.||.
+    bias: bool = True
+    relu: bool = True
+
+
+class SimilarityVector(nn.Module):
+    """s(a, b) = l2norm(act(W (a - b)^2 + bias)): a P-d vector describing how a and b agree."""
+
+    def __init__(self, in_dim: int, out_dim: int, config: SimilarityVectorConfig):
+        super().__init__()
+        self.proj = nn.Linear(in_dim, out_dim, bias=config.bias)
+        self.relu = config.relu
+
+    def forward(self, a: Tensor, b: Tensor) -> Tensor:
+        out = self.proj((a - b).pow(2))
+        return l2norm(out.clamp(min=0) if self.relu else out)
+
+
+class AttentionPool(nn.Module):
+    """Self-attention pooling guided by the mean item (CMCAN's VisualSA / TextSA).
+
+    logit_k = w . (tanh(norm(A x_k)) * tanh(norm(B mean(x)))); the pooled vector is the softmax-
+    weighted sum of the items. `n_slots` adds the official BatchNorm1d over item slots (which
+    fixes the number of items); `batchnorm=False` leaves both norms out (text).
+    """
+
+    def __init__(self, dim: int, dropout: float, n_slots: int | None = None):
+        super().__init__()
+        self.item_proj = nn.Linear(dim, dim)
+        self.item_norm = nn.BatchNorm1d(n_slots) if n_slots else nn.Identity()
+        self.mean_proj = nn.Linear(dim, dim)
+        self.mean_norm = nn.BatchNorm1d(dim) if n_slots else nn.Identity()
+        self.score = nn.Linear(dim, 1)
+        self.dropout = nn.Dropout(dropout)
+
+    def logits(self, items: Tensor, mask: Tensor | None = None) -> Tensor:
+        """Raw attention logits (n, k); padded items get -inf."""
+        if mask is None:
+            mean = items.mean(1)
+        else:
+            mean = (items * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
+        local = self.dropout(torch.tanh(self.item_norm(self.item_proj(items))))
+        common = self.dropout(torch.tanh(self.mean_norm(self.mean_proj(mean))))
+        logits = self.score(local * common[:, None, :]).squeeze(-1)
+        return logits if mask is None else logits.masked_fill(~mask, float("-inf"))
+
+    def forward(self, items: Tensor, mask: Tensor | None = None) -> Tensor:
+        """The pooled vector, not normalised."""
+        weights = torch.softmax(self.logits(items, mask), dim=-1)
+        return (weights[..., None] * items).sum(1)
+
+
+class GraphReasoning(nn.Module):
+    """One layer of self-attention reasoning over similarity nodes (SGRAF's SGR, CMCAN):
+    S' = ReLU(W_r softmax(W_q S (W_k S)^T) S)."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.query = nn.Linear(dim, dim)
+        self.key = nn.Linear(dim, dim)
+        self.update = nn.Linear(dim, dim)
+
+    def forward(self, nodes: Tensor, node_mask: Tensor | None = None) -> Tensor:
+        edges = self.query(nodes) @ self.key(nodes).transpose(-1, -2)
+        if node_mask is not None:
+            edges = edges.masked_fill(~node_mask[..., None, :], float("-inf"))
+        return torch.relu(self.update(torch.softmax(edges, dim=-1) @ nodes))

@@ -1,0 +1,141 @@
+"""Shapes, invariants and input checks of every architecture behind the Matcher interface."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from itmatch import build_run_config, create_model
+from itmatch.config import preset_names
+from itmatch.errors import InputError
+from itmatch.losses import triplet_ranking_loss
+from itmatch.models.base import Encoded
+from itmatch.models.cmcan import neighbour_counts
+
+SMALL = {"vocab_size": 30, "img_dim": 20, "embed_size": 24, "text": {"word_dim": 16}}
+N_REGIONS = 9
+
+
+def small_model(preset: str):
+    sizes = dict(SMALL)
+    if build_run_config(preset).architecture == "cmcan":
+        sizes.update(sim_dim=8, n_regions=N_REGIONS)
+    torch.manual_seed(0)
+    return create_model(build_run_config(preset).architecture, build_run_config(preset, {"model": sizes}).model)
+
+
+def inputs(n_images=4, n_captions=6, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    features = torch.rand(n_images, N_REGIONS, 20, generator=generator)
+    lengths = torch.randint(2, 8, (n_captions,), generator=generator)
+    tokens = torch.randint(4, 30, (n_captions, 8), generator=generator) * (torch.arange(8) < lengths[:, None])
+    adjacency = (torch.rand(n_images, N_REGIONS, N_REGIONS, generator=generator) > 0.7).float()
+    return features, tokens, lengths, adjacency
+
+
+@pytest.fixture(params=preset_names())
+def model(request):
+    return small_model(request.param).eval()
+
+
+def test_similarity_shape_and_values(model):
+    features, tokens, lengths, adjacency = inputs()
+    with torch.no_grad():
+        sims = model.similarity(features, tokens, lengths, adjacency=adjacency)
+    assert sims.shape == (4, 6) and torch.isfinite(sims).all()
+
+
+def test_score_equals_pair_by_pair_scoring(model):
+    features, tokens, lengths, adjacency = inputs()
+    with torch.no_grad():
+        images, texts = model.encode_images(features, adjacency), model.encode_texts(tokens, lengths)
+        batched = model.score(images, texts)
+        single = torch.tensor([
+            [model.score(images.select(slice(i, i + 1)), texts.select(slice(j, j + 1))).item() for j in range(6)]
+            for i in range(4)
+        ])
+    torch.testing.assert_close(batched, single, atol=1e-5, rtol=0)
+
+
+def test_extra_padding_and_caption_order_change_nothing(model):
+    features, tokens, lengths, adjacency = inputs()
+    padded = torch.nn.functional.pad(tokens, (0, 5))
+    order = torch.randperm(6, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        reference = model.similarity(features, tokens, lengths, adjacency=adjacency)
+        other = model.similarity(features, padded[order], lengths[order], adjacency=adjacency)
+    torch.testing.assert_close(other, reference[:, order], atol=1e-5, rtol=0)
+
+
+def test_training_gradients_are_finite_with_padded_captions(model):
+    model.train()
+    features, tokens, lengths, adjacency = inputs(n_images=6, n_captions=6)
+    scores = model(features, tokens, lengths, adjacency)
+    triplet_ranking_loss(scores, build_run_config("vsepp").loss).backward()
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
+
+
+def test_embedding_model_scores_by_dot_product():
+    model = small_model("vsepp").eval()
+    features, tokens, lengths, _ = inputs()
+    with torch.no_grad():
+        images, texts = model.encode_images(features), model.encode_texts(tokens, lengths)
+    torch.testing.assert_close(images["vector"].norm(dim=1), torch.ones(4))
+    torch.testing.assert_close(model.score(images, texts), images["vector"] @ texts["vector"].T)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda f, t, l, a: (f[..., :5], t, l, a), "20-d region features"),
+        (lambda f, t, l, a: (f.float().masked_fill(torch.rand(f.shape) > 0.9, float("nan")), t, l, a), "NaN"),
+        (lambda f, t, l, a: (f, t + 100, l, a), "word ids"),
+        (lambda f, t, l, a: (f, t, l + 10, a), "caption lengths"),
+        (lambda f, t, l, a: (f, t, l[:3], a), "lengths"),
+        (lambda f, t, l, a: (f, t.float(), l, a), "integer tensor"),
+    ],
+)
+def test_bad_inputs_are_explained(model, change, message):
+    features, tokens, lengths, adjacency = change(*inputs())
+    with pytest.raises(InputError, match=message):
+        model.similarity(features, tokens, lengths, adjacency=adjacency)
+
+
+def test_cmcan_needs_the_region_graph_or_boxes():
+    model = small_model("cmcan-official").eval()
+    features, tokens, lengths, _ = inputs()
+    with pytest.raises(InputError, match="boxes and image_sizes"):
+        model.similarity(features, tokens, lengths)
+    with pytest.raises(InputError, match="regions per image"):
+        model.similarity(features[:, :5], tokens, lengths, adjacency=torch.ones(4, 5, 5))
+
+
+def test_cmcan_derives_the_graph_from_boxes():
+    model = small_model("cmcan-paper").eval()
+    features, tokens, lengths, _ = inputs()
+    corners = torch.rand(4, N_REGIONS, 2) * 50
+    boxes = torch.cat([corners, corners + 10 + torch.rand(4, N_REGIONS, 2) * 40], dim=-1)
+    sizes = torch.tensor([[100, 100]] * 4)
+    with torch.no_grad():
+        sims = model.similarity(features, tokens, lengths, boxes=boxes, image_sizes=sizes)
+    assert sims.shape == (4, 6)
+
+
+def test_official_neighbourhood_counts_fill_empty_slots_with_the_region_itself():
+    adjacency = torch.eye(6)[None].clone()
+    adjacency[0, 0, 3] = adjacency[0, 0, 5] = 1
+    counts = neighbour_counts(adjacency, n_slots=5)
+    assert counts.sum(-1).eq(5).all()
+    assert counts[0, 0].tolist() == [3, 0, 0, 1, 0, 1]  # two neighbours + itself three times
+    assert torch.equal(neighbour_counts(adjacency, None), adjacency)
+
+
+def test_encoded_cat_pads_and_select_trims_the_word_axis():
+    short = Encoded({"words": torch.ones(2, 3, 4), "mask": torch.ones(2, 3, dtype=torch.bool)}, frozenset({"words", "mask"}))
+    mask = torch.zeros(1, 5, dtype=torch.bool)
+    mask[0, :5] = True
+    long = Encoded({"words": torch.ones(1, 5, 4), "mask": mask}, frozenset({"words", "mask"}))
+    joined = Encoded.cat([short, long])
+    assert joined["words"].shape == (3, 5, 4) and joined["mask"].sum().item() == 11
+    assert joined.select(slice(0, 2))["words"].shape == (2, 3, 4)
