@@ -50,8 +50,10 @@ def score_matrices(draw: st.DrawFn, floats: bool) -> tuple[np.ndarray, int]:
 
 
 @settings(max_examples=150, deadline=None)
-@given(data=st.one_of(score_matrices(floats=False), score_matrices(floats=True)),
-       chunk_bytes=st.sampled_from([1, 200, 10**9]))
+@given(
+    data=st.one_of(score_matrices(floats=False), score_matrices(floats=True)),
+    chunk_bytes=st.sampled_from([1, 200, 10**9]),
+)
 def test_ranks_match_official_loop(data: tuple[np.ndarray, int], chunk_bytes: int) -> None:
     sims, cpi = data
     np.testing.assert_array_equal(i2t_ranks(sims, cpi, chunk_bytes=chunk_bytes), ref_i2t(sims, cpi))
@@ -76,9 +78,7 @@ def test_hand_ranks_with_ties() -> None:
 
 def test_recall_summary_hand_values() -> None:
     m = recall_summary(np.array([0, 1, 4, 5, 9, 10, 20]))
-    assert m == pytest.approx(
-        {"r1": 100 / 7, "r5": 300 / 7, "r10": 500 / 7, "medr": 6.0, "meanr": 8.0}
-    )
+    assert m == pytest.approx({"r1": 100 / 7, "r5": 300 / 7, "r10": 500 / 7, "medr": 6.0, "meanr": 8.0})
     # Even count: median 1.5 is floored before the +1.
     m = recall_summary([0, 1, 2, 3])
     assert m == {"r1": 25.0, "r5": 100.0, "r10": 100.0, "medr": 2.0, "meanr": 2.5}

@@ -50,10 +50,12 @@ def test_score_equals_pair_by_pair_scoring(model):
     with torch.no_grad():
         images, texts = model.encode_images(features, adjacency), model.encode_texts(tokens, lengths)
         batched = model.score(images, texts)
-        single = torch.tensor([
-            [model.score(images.select(slice(i, i + 1)), texts.select(slice(j, j + 1))).item() for j in range(6)]
-            for i in range(4)
-        ])
+        single = torch.tensor(
+            [
+                [model.score(images.select(slice(i, i + 1)), texts.select(slice(j, j + 1))).item() for j in range(6)]
+                for i in range(4)
+            ]
+        )
     torch.testing.assert_close(batched, single, atol=1e-5, rtol=0)
 
 
@@ -88,12 +90,12 @@ def test_embedding_model_scores_by_dot_product():
 @pytest.mark.parametrize(
     "change, message",
     [
-        (lambda f, t, l, a: (f[..., :5], t, l, a), "20-d region features"),
-        (lambda f, t, l, a: (f.float().masked_fill(torch.rand(f.shape) > 0.9, float("nan")), t, l, a), "NaN"),
-        (lambda f, t, l, a: (f, t + 100, l, a), "word ids"),
-        (lambda f, t, l, a: (f, t, l + 10, a), "caption lengths"),
-        (lambda f, t, l, a: (f, t, l[:3], a), "lengths"),
-        (lambda f, t, l, a: (f, t.float(), l, a), "integer tensor"),
+        (lambda f, t, n, a: (f[..., :5], t, n, a), "20-d region features"),
+        (lambda f, t, n, a: (f.float().masked_fill(torch.rand(f.shape) > 0.9, float("nan")), t, n, a), "NaN"),
+        (lambda f, t, n, a: (f, t + 100, n, a), "word ids"),
+        (lambda f, t, n, a: (f, t, n + 10, a), "caption lengths"),
+        (lambda f, t, n, a: (f, t, n[:3], a), "lengths"),
+        (lambda f, t, n, a: (f, t.float(), n, a), "integer tensor"),
     ],
 )
 def test_bad_inputs_are_explained(model, change, message):
@@ -132,7 +134,9 @@ def test_official_neighbourhood_counts_fill_empty_slots_with_the_region_itself()
 
 
 def test_encoded_cat_pads_and_select_trims_the_word_axis():
-    short = Encoded({"words": torch.ones(2, 3, 4), "mask": torch.ones(2, 3, dtype=torch.bool)}, frozenset({"words", "mask"}))
+    short = Encoded(
+        {"words": torch.ones(2, 3, 4), "mask": torch.ones(2, 3, dtype=torch.bool)}, frozenset({"words", "mask"})
+    )
     mask = torch.zeros(1, 5, dtype=torch.bool)
     mask[0, :5] = True
     long = Encoded({"words": torch.ones(1, 5, 4), "mask": mask}, frozenset({"words", "mask"}))

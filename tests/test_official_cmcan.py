@@ -7,13 +7,12 @@ import argparse
 import numpy as np
 import pytest
 import torch
+from conftest import SHARED
 
 from itmatch.checkpoint import load_checkpoint
 from itmatch.convert import convert_official_cmcan
 from itmatch.errors import CheckpointError
 from itmatch.models.cmcan import neighbour_slots
-
-from conftest import SHARED
 
 FIXTURES = SHARED / "fixtures"
 OFFICIAL = FIXTURES / "cmcan_official_small_ckpt.pth.tar"
@@ -67,8 +66,11 @@ def test_adjacency_derived_from_boxes_gives_the_same_scores(model, io):
     images, captions, lengths, _ = inputs(io)
     with torch.no_grad():
         sims = model.similarity(
-            images, captions, lengths,
-            boxes=torch.from_numpy(io["boxes"]), image_sizes=torch.from_numpy(io["image_sizes"]),
+            images,
+            captions,
+            lengths,
+            boxes=torch.from_numpy(io["boxes"]),
+            image_sizes=torch.from_numpy(io["image_sizes"]),
         )
     close(sims, io["sims"])
 

@@ -201,7 +201,11 @@ BAD_INPUTS = {
     ),
     "empty caption": (_write("test_caps.txt", b"a\nb\n\nc\n"), "test_caps.txt", "line 3 is empty"),
     "blank caption": (_write("test_caps.txt", b"a\n   \nc\n"), "test_caps.txt", "line 2 is empty"),
-    "invalid UTF-8": (_write("test_caps.txt", b"a dog\nna\xefve caf\xe9\n"), "test_caps.txt", "line 2 is not valid UTF-8"),
+    "invalid UTF-8": (
+        _write("test_caps.txt", b"a dog\nna\xefve caf\xe9\n"),
+        "test_caps.txt",
+        "line 2 is not valid UTF-8",
+    ),
     "no captions": (_write("test_caps.txt", b""), "test_caps.txt", "is empty"),
     "missing captions": (lambda f: (f / "test_caps.txt").unlink(), "test_caps.txt", "file not found"),
     "ids count": (_write("test_ids.txt", b"1\n2\n3\n"), "test_ids.txt", "has 3 ids for 4 images"),
@@ -215,7 +219,12 @@ BAD_LAZY_INPUTS = {
         "test_ims_bbx.npy",
         "image 1 has NaN",
     ),
-    "corrupt boxes": (_write("test_ims_bbx.npy", b"\x93NUMPY garbage"), "boxes", "test_ims_bbx.npy", "truncated or corrupt"),
+    "corrupt boxes": (
+        _write("test_ims_bbx.npy", b"\x93NUMPY garbage"),
+        "boxes",
+        "test_ims_bbx.npy",
+        "truncated or corrupt",
+    ),
     "sizes count": (_save("test_ims_size.npy", np.array(SIZE_DICTS[:3])), "image_sizes", "test_ims_size.npy", "(3, 2)"),
     "sizes key": (
         _save("test_ims_size.npy", np.array([{"w": 1, "h": 2}] * 4)),

@@ -100,8 +100,11 @@ def test_build_vocab_for_dir(tmp_path: Path) -> None:
         build_vocab_for_dir(tmp_path)
 
 
-SCAN_OK = {"word2idx": {"<pad>": 0, "<start>": 1, "<end>": 2, "<unk>": 3, "a": 4},
-           "idx2word": {"0": "<pad>", "1": "<start>", "2": "<end>", "3": "<unk>", "4": "a"}, "idx": 5}
+SCAN_OK = {
+    "word2idx": {"<pad>": 0, "<start>": 1, "<end>": 2, "<unk>": 3, "a": 4},
+    "idx2word": {"0": "<pad>", "1": "<start>", "2": "<end>", "3": "<unk>", "4": "a"},
+    "idx": 5,
+}
 
 
 def _with(**changes: object) -> str:

@@ -17,7 +17,7 @@ from itmatch.data.vocab import Vocabulary
 from itmatch.device import default_device
 from itmatch.errors import CheckpointError, ConfigError, DataError
 from itmatch.files import atomic_write
-from itmatch.models.registry import create_model
+from itmatch.models.registry import build_model
 
 FORMAT = "itmatch-checkpoint"
 VERSION = 1
@@ -48,8 +48,9 @@ def read_checkpoint(path: str | Path) -> dict:
     except Exception as error:  # torch raises many types for corrupt or foreign files
         if _is_official_cmcan(path):
             raise CheckpointError(
-                path, "this is an official CMCAN training checkpoint; convert it first with "
-                "`itmatch convert official-cmcan CKPT OUT.pt`"
+                path,
+                "this is an official CMCAN training checkpoint; convert it first with "
+                "`itmatch convert official-cmcan CKPT OUT.pt`",
             ) from None
         raise CheckpointError(path, f"not a readable itmatch checkpoint ({type(error).__name__}: {error})") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
@@ -96,7 +97,7 @@ def model_from_payload(payload: dict, path, architecture: str | None = None, pre
         config = build_run_config(payload["config"])
     except ConfigError as error:
         raise CheckpointError(path, f"its config does not fit this version of itmatch: {error}") from None
-    model = create_model(config.architecture, config.model)
+    model = build_model(config)
     try:
         model.load_state_dict(payload["model"])
     except RuntimeError as error:
@@ -106,5 +107,4 @@ def model_from_payload(payload: dict, path, architecture: str | None = None, pre
             model.vocab = Vocabulary(payload["vocab"])
         except DataError as error:
             raise CheckpointError(path, f"its vocabulary is invalid: {error.problem}") from None
-    model.run_config = config
     return model, config

@@ -73,9 +73,7 @@ def from_dict(cls: type, data: dict, where: str = "") -> Any:
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(fields))
     if unknown:
-        raise ConfigError(
-            f"unknown config key {where + unknown[0]!r}; valid keys here: {', '.join(sorted(fields))}"
-        )
+        raise ConfigError(f"unknown config key {where + unknown[0]!r}; valid keys here: {', '.join(sorted(fields))}")
     hints = typing.get_type_hints(cls)
     values = {name: _coerce(hints[name], data[name], where + name) for name in data}
     return cls(**values)

@@ -12,7 +12,7 @@ from itmatch.checkpoint import save_checkpoint
 from itmatch.config import build_run_config
 from itmatch.data.vocab import Vocabulary
 from itmatch.errors import CheckpointError
-from itmatch.models.registry import create_model
+from itmatch.models.registry import build_model
 
 # Official CMCAN module names (model.py at 6512cf9, and the earlier SGR_module_* spelling) -> ours.
 # The official state is a list [img_enc, txt_enc, sim_embt, sim_embv, sim_enc].
@@ -54,7 +54,9 @@ def read_official_checkpoint(path: str | Path) -> dict:
         with torch.serialization.safe_globals([argparse.Namespace]):
             payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
-        raise CheckpointError(path, f"cannot be read as a PyTorch checkpoint ({type(error).__name__}: {error})") from None
+        raise CheckpointError(
+            path, f"cannot be read as a PyTorch checkpoint ({type(error).__name__}: {error})"
+        ) from None
     if not isinstance(payload, dict) or "model" not in payload or "opt" not in payload:
         raise CheckpointError(path, "not an official training checkpoint: expected a dict with 'model' and 'opt'")
     return payload
@@ -64,7 +66,8 @@ def map_cmcan_state(parts: list[dict], path: Path) -> dict[str, torch.Tensor]:
     """The official list of 5 state dicts as one itmatch state dict; every key must map."""
     if not isinstance(parts, list) or len(parts) != len(CMCAN_PARTS):
         raise CheckpointError(
-            path, f"'model' must be a list of {len(CMCAN_PARTS)} state dicts {CMCAN_PARTS} (is this a CMCAN checkpoint?)"
+            path,
+            f"'model' must be a list of {len(CMCAN_PARTS)} state dicts {CMCAN_PARTS} (is this a CMCAN checkpoint?)",
         )
     state = {}
     for index, part in enumerate(parts):
@@ -101,8 +104,11 @@ def cmcan_overrides(opt: argparse.Namespace, state: dict[str, torch.Tensor]) -> 
     train = {
         key: options[name]
         for key, name in [
-            ("epochs", "num_epochs"), ("batch_size", "batch_size"), ("learning_rate", "learning_rate"),
-            ("lr_decay_epochs", "lr_update"), ("grad_clip", "grad_clip"),
+            ("epochs", "num_epochs"),
+            ("batch_size", "batch_size"),
+            ("learning_rate", "learning_rate"),
+            ("lr_decay_epochs", "lr_update"),
+            ("grad_clip", "grad_clip"),
         ]
         if name in options
     }
@@ -127,7 +133,7 @@ def convert_official_cmcan(checkpoint: str | Path, out: str | Path, vocab: str |
         if required not in state:
             raise CheckpointError(path, f"missing tensor for {required}: not a complete CMCAN checkpoint")
     config = build_run_config("cmcan-official", cmcan_overrides(payload["opt"], state))
-    model = create_model("cmcan", config.model)
+    model = build_model(config)
     try:
         model.load_state_dict(state)
     except RuntimeError as error:
@@ -136,10 +142,15 @@ def convert_official_cmcan(checkpoint: str | Path, out: str | Path, vocab: str |
         model.vocab = Vocabulary.load(vocab)
         if len(model.vocab) != config.model.vocab_size:
             raise CheckpointError(
-                path, f"the checkpoint has {config.model.vocab_size} word embeddings but {vocab} has {len(model.vocab)} words"
+                path,
+                f"has {config.model.vocab_size} word embeddings but {vocab} has {len(model.vocab)} words",
             )
     save_checkpoint(
-        out, model, config, epoch=int(payload.get("epoch", 0)), best_rsum=float(payload.get("best_rsum", 0.0)),
+        out,
+        model,
+        config,
+        epoch=int(payload.get("epoch", 0)),
+        best_rsum=float(payload.get("best_rsum", 0.0)),
         source=str(path.name),
     )
     return model

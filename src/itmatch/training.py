@@ -30,7 +30,7 @@ from itmatch.device import default_device
 from itmatch.errors import DataError, ItmatchError
 from itmatch.evaluation.runner import evaluate_split
 from itmatch.losses import triplet_ranking_loss
-from itmatch.models.registry import create_model
+from itmatch.models.registry import build_model
 
 
 @dataclass
@@ -80,7 +80,7 @@ def train(
         _refuse_overwrite(run_dir)
         vocab = _vocabulary(data_dir, vocab_path, run_dir, process, log)
         config = _fit_to_data(config, train_split, vocab)
-        model, state, optimizer_state = create_model(config.architecture, config.model), TrainState(), None
+        model, state, optimizer_state = build_model(config), TrainState(), None
         model.vocab = vocab
     model.run_config = config
     dev_split = _dev_split(data_dir, config, log)
@@ -130,7 +130,9 @@ class _Trainer:
         steps = len(order) // per_step  # drop the last partial batch: BatchNorm needs > 1 item
         batches = [order[s * per_step : (s + 1) * per_step][self.process.rank :: world] for s in range(steps)]
         if not batches:
-            raise DataError(self.train_split.data_dir, f"train split has {len(order)} captions: fewer than one batch of {per_step}")
+            raise DataError(
+                self.train_split.data_dir, f"train split has {len(order)} captions: fewer than one batch of {per_step}"
+            )
         return batches[self.state.batches_done :]
 
     def _train_epoch(self) -> float:
@@ -166,7 +168,9 @@ class _Trainer:
         image_ids = batch["image_index"].to(device) if self.config.loss.exclude_same_image else None
         loss = triplet_ranking_loss(scores, self.config.loss, image_ids, negatives)
         if not torch.isfinite(loss):
-            raise ItmatchError(f"the loss became {loss.item()} at step {self.state.step}; last.pt holds the last good state")
+            raise ItmatchError(
+                f"the loss became {loss.item()} at step {self.state.step}; last.pt holds the last good state"
+            )
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if self.config.train.grad_clip > 0:
@@ -179,11 +183,20 @@ class _Trainer:
     def _end_epoch(self, loss: float, seconds: float) -> None:
         state = self.state
         state.epoch, state.batches_done = state.epoch + 1, 0
-        record = {"epoch": state.epoch, "loss": loss, "lr": self._learning_rate(state.epoch - 1), "seconds": round(seconds, 1)}
+        record = {
+            "epoch": state.epoch,
+            "loss": loss,
+            "lr": self._learning_rate(state.epoch - 1),
+            "seconds": round(seconds, 1),
+        }
         if self.process.main:
             if self.dev_split is not None:
-                metrics = evaluate_split(self.model, self.dev_split, batch_size=self.config.train.eval_batch_size, progress=False)
-                record.update(dev_rsum=metrics["rsum"], dev_i2t_r1=metrics["i2t"]["r1"], dev_t2i_r1=metrics["t2i"]["r1"])
+                metrics = evaluate_split(
+                    self.model, self.dev_split, batch_size=self.config.train.eval_batch_size, progress=False
+                )
+                record.update(
+                    dev_rsum=metrics["rsum"], dev_i2t_r1=metrics["i2t"]["r1"], dev_t2i_r1=metrics["t2i"]["r1"]
+                )
                 for key in ("dev_rsum", "dev_i2t_r1", "dev_t2i_r1"):
                     self.writer.add_scalar(key.replace("_", "/", 1), record[key], state.epoch)
             state.history.append(record)
@@ -208,7 +221,8 @@ class _Trainer:
 def _epoch_line(record: dict, improved: bool) -> str:
     line = f"epoch {record['epoch']}: loss {record['loss']:.4f}, {record['seconds']:.0f} s"
     if "dev_rsum" in record:
-        line += f", dev rSum {record['dev_rsum']:.1f} (i2t R@1 {record['dev_i2t_r1']:.1f}, t2i R@1 {record['dev_t2i_r1']:.1f})"
+        recalls = f"i2t R@1 {record['dev_i2t_r1']:.1f}, t2i R@1 {record['dev_t2i_r1']:.1f}"
+        line += f", dev rSum {record['dev_rsum']:.1f} ({recalls})"
     return line + (" *best" if improved else "")
 
 
@@ -234,7 +248,9 @@ def _dev_split(data_dir: Path, config: RunConfig, log) -> PrecompSplit | None:
 
 def _refuse_overwrite(run_dir: Path) -> None:
     if (run_dir / "last.pt").exists():
-        raise ItmatchError(f"{run_dir} already holds a run (last.pt); continue it with --resume or choose another --out")
+        raise ItmatchError(
+            f"{run_dir} already holds a run (last.pt); continue it with --resume or choose another --out"
+        )
 
 
 def _vocabulary(data_dir: Path, vocab_path, run_dir: Path, process: Process, log) -> Vocabulary:
@@ -270,7 +286,10 @@ def _resume(run_dir: Path, requested: RunConfig, overrides: dict | None, log):
     if overrides:
         config = build_run_config(merge(config.to_dict(), overrides))
     state = TrainState(**payload["state"])
-    log(f"resuming {run_dir} after epoch {state.epoch}" + (f", batch {state.batches_done}" if state.batches_done else ""))
+    log(
+        f"resuming {run_dir} after epoch {state.epoch}"
+        + (f", batch {state.batches_done}" if state.batches_done else "")
+    )
     return model, config, state, payload.get("optimizer")
 
 

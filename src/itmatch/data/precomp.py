@@ -124,8 +124,7 @@ class PrecompSplit:
         if n_captions % n_images:
             raise DataError(
                 self.captions_path,
-                f"has {n_captions:,} captions for {n_images:,} images in "
-                f"{self.features_path.name}: not a multiple",
+                f"has {n_captions:,} captions for {n_images:,} images in {self.features_path.name}: not a multiple",
             )
         return n_captions // n_images
 

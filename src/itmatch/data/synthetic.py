@@ -27,8 +27,24 @@ import numpy as np
 from itmatch.files import atomic_write
 
 CATEGORIES = (
-    "dog", "cat", "horse", "bird", "car", "bus", "boat", "bicycle", "tree",
-    "house", "chair", "table", "ball", "kite", "umbrella", "man", "woman", "child",
+    "dog",
+    "cat",
+    "horse",
+    "bird",
+    "car",
+    "bus",
+    "boat",
+    "bicycle",
+    "tree",
+    "house",
+    "chair",
+    "table",
+    "ball",
+    "kite",
+    "umbrella",
+    "man",
+    "woman",
+    "child",
 )
 COLOURS = ("red", "blue", "green", "yellow", "white", "black", "orange", "purple")
 SIZES = ("small", "large")
@@ -51,7 +67,7 @@ class SyntheticSpec:
     feature_dim: int = 256
     objects_per_scene: tuple[int, int] = (3, 4)
     group_size: int = 6  # siblings with the same bag of words
-    regions_per_object: tuple[int, int] = (2, 4)
+    regions_per_object: tuple[int, int] = (1, 3)
     noise: float = 0.35
 
 
@@ -108,10 +124,14 @@ def _sibling_group(rng: np.random.Generator, spec: SyntheticSpec) -> list[list[S
     group = []
     for index in chosen:
         colour_of, cell_of = bindings[index]
-        group.append([
-            SceneObject(CATEGORIES[categories[i]], COLOURS[colours[colour_of[i]]], SIZES[sizes[i]], cells[cell_of[i]])
-            for i in range(k)
-        ])
+        group.append(
+            [
+                SceneObject(
+                    CATEGORIES[categories[i]], COLOURS[colours[colour_of[i]]], SIZES[sizes[i]], cells[cell_of[i]]
+                )
+                for i in range(k)
+            ]
+        )
     return group
 
 
@@ -127,10 +147,15 @@ def _write_split(out_dir, split, scenes, codes: _Codes, spec: SyntheticSpec, rng
         features[i], boxes[i] = _regions(scene, object_boxes, codes, spec, rng, width, height)
         sizes[i] = {"image_w": width, "image_h": height}
         captions.extend(_captions(scene, object_boxes, rng))
-        records.append({"image": i, "objects": [
-            {"category": o.category, "colour": o.colour, "size": o.size, "box": [round(float(v), 4) for v in b]}
-            for o, b in zip(scene, object_boxes)
-        ]})
+        records.append(
+            {
+                "image": i,
+                "objects": [
+                    {"category": o.category, "colour": o.colour, "size": o.size, "box": [round(float(v), 4) for v in b]}
+                    for o, b in zip(scene, object_boxes, strict=False)
+                ],
+            }
+        )
     np.save(out_dir / f"{split}_ims.npy", features)
     np.save(out_dir / f"{split}_ims_bbx.npy", boxes)
     np.save(out_dir / f"{split}_ims_size.npy", sizes, allow_pickle=True)
@@ -152,7 +177,7 @@ def _object_box(obj: SceneObject, rng: np.random.Generator) -> np.ndarray:
 
 def _regions(scene, object_boxes, codes: _Codes, spec: SyntheticSpec, rng, width: int, height: int):
     feats, boxes = [], []
-    for obj, box in zip(scene, object_boxes):
+    for obj, box in zip(scene, object_boxes, strict=False):
         content = (
             codes.category[CATEGORIES.index(obj.category)]
             + codes.colour[COLOURS.index(obj.colour)]

@@ -37,8 +37,4 @@ def tokenize(caption: str) -> list[str]:
     """Lowercase, split sentences the way Punkt would, and Treebank-tokenise each one."""
     if not isinstance(caption, str):
         raise TypeError(f"tokenize() takes str, not {type(caption).__name__}")
-    return [
-        token
-        for sentence in _SENTENCES.tokenize(caption.lower())
-        for token in _WORDS.tokenize(sentence)
-    ]
+    return [token for sentence in _SENTENCES.tokenize(caption.lower()) for token in _WORDS.tokenize(sentence)]

@@ -11,9 +11,9 @@ from typing import Any
 import torch
 
 from itmatch.data.precomp import read_captions
-from itmatch.files import atomic_write
 from itmatch.data.tokenizer import tokenize
 from itmatch.errors import DataError, InputError
+from itmatch.files import atomic_write
 
 PAD, START, END, UNK = 0, 1, 2, 3
 SPECIALS = ("<pad>", "<start>", "<end>", "<unk>")

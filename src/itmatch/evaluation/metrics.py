@@ -113,9 +113,7 @@ def _t2i(sims: np.ndarray, cpi: int, chunk_bytes: int) -> np.ndarray:
     return ranks
 
 
-def i2t_ranks(
-    sims: Any, captions_per_image: int = 5, *, chunk_bytes: int = DEFAULT_CHUNK_BYTES
-) -> np.ndarray:
+def i2t_ranks(sims: Any, captions_per_image: int = 5, *, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> np.ndarray:
     """Image-to-text ranks, shape (n_images,): 0-based rank of the best of each image's captions.
 
     Ties: an equal score with a smaller caption index ranks before (stable descending sort), so
@@ -126,9 +124,7 @@ def i2t_ranks(
     return _i2t(sims, captions_per_image, chunk_bytes)
 
 
-def t2i_ranks(
-    sims: Any, captions_per_image: int = 5, *, chunk_bytes: int = DEFAULT_CHUNK_BYTES
-) -> np.ndarray:
+def t2i_ranks(sims: Any, captions_per_image: int = 5, *, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> np.ndarray:
     """Text-to-image ranks, shape (n_captions,): 0-based rank of each caption's image.
 
     Ties: an equal score with a smaller image index ranks before (stable descending sort), so
@@ -227,16 +223,15 @@ def format_results(results: dict[str, dict[str, Any]], title: str | None = None)
         raise InputError("format_results needs at least one result")
     labels = [f"{d} {_ROW_LABELS[k]}" for d in ("i2t", "t2i") for k in _KEYS] + ["rSum"]
     columns = [
-        [f"{m[d][k]:.1f}" for d in ("i2t", "t2i") for k in _KEYS] + [f"{m['rsum']:.1f}"]
-        for m in results.values()
+        [f"{m[d][k]:.1f}" for d in ("i2t", "t2i") for k in _KEYS] + [f"{m['rsum']:.1f}"] for m in results.values()
     ]
     names = list(results)
     label_w = max(len(s) for s in labels)
-    widths = [max(len(name), *(len(v) for v in col)) for name, col in zip(names, columns)]
-    header = "".ljust(label_w) + "".join(f"  {n:>{w}}" for n, w in zip(names, widths))
+    widths = [max(len(name), *(len(v) for v in col)) for name, col in zip(names, columns, strict=False)]
+    header = "".ljust(label_w) + "".join(f"  {n:>{w}}" for n, w in zip(names, widths, strict=False))
     lines = [title] if title else []
     lines.append(header)
     for i, label in enumerate(labels):
-        cells = "".join(f"  {c[i]:>{w}}" for c, w in zip(columns, widths))
+        cells = "".join(f"  {c[i]:>{w}}" for c, w in zip(columns, widths, strict=False))
         lines.append(label.ljust(label_w) + cells)
     return "\n".join(lines)

@@ -26,13 +26,21 @@ def encode_split(
     adjacency = split.adjacency(*model.adjacency_spec()) if model.needs_adjacency else None
     images = [
         model.encode_images(batch["features"], batch.get("adjacency"))
-        for batch in tqdm(make_loader(ImageDataset(split, adjacency), batch_size, workers),
-                          desc="encode images", disable=not progress, leave=False)
+        for batch in tqdm(
+            make_loader(ImageDataset(split, adjacency), batch_size, workers),
+            desc="encode images",
+            disable=not progress,
+            leave=False,
+        )
     ]
     texts = [
         model.encode_texts(batch["tokens"], batch["lengths"])
-        for batch in tqdm(make_loader(CaptionDataset(split, model.vocab), batch_size, workers),
-                          desc="encode captions", disable=not progress, leave=False)
+        for batch in tqdm(
+            make_loader(CaptionDataset(split, model.vocab), batch_size, workers),
+            desc="encode captions",
+            disable=not progress,
+            leave=False,
+        )
     ]
     return Encoded.cat(images), Encoded.cat(texts)
 

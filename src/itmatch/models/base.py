@@ -104,7 +104,9 @@ class Matcher(nn.Module):
     def encode_texts(self, tokens: Tensor, lengths: Tensor) -> Encoded:
         raise NotImplementedError
 
-    def score(self, images: Encoded, texts: Encoded, memory_budget: int | None = None, progress: bool = False) -> Tensor:
+    def score(
+        self, images: Encoded, texts: Encoded, memory_budget: int | None = None, progress: bool = False
+    ) -> Tensor:
         """Scores of every image with every text: (n_images, n_texts)."""
         raise NotImplementedError
 
@@ -141,8 +143,7 @@ class Matcher(nn.Module):
             raise InputError(f"the model expects {feature_dim}-d region features, got {features.shape[2]}-d")
         if n_regions is not None and features.shape[1] != n_regions:
             raise InputError(
-                f"the model expects {n_regions} regions per image (set when it was trained), "
-                f"got {features.shape[1]}"
+                f"the model expects {n_regions} regions per image (set when it was trained), got {features.shape[1]}"
             )
         if not torch.isfinite(features).all():
             bad = (~torch.isfinite(features)).flatten(1).any(1).nonzero().flatten().tolist()
@@ -187,7 +188,9 @@ def _describe(value) -> str:
 class EmbeddingMatcher(Matcher):
     """Scores by the dot product of one image vector and one text vector (key "vector")."""
 
-    def score(self, images: Encoded, texts: Encoded, memory_budget: int | None = None, progress: bool = False) -> Tensor:
+    def score(
+        self, images: Encoded, texts: Encoded, memory_budget: int | None = None, progress: bool = False
+    ) -> Tensor:
         return images["vector"] @ texts["vector"].T
 
 
@@ -203,7 +206,9 @@ class CrossAttentionMatcher(Matcher):
         """An estimate of the working memory one pair needs inside `score_pairs`."""
         raise NotImplementedError
 
-    def score(self, images: Encoded, texts: Encoded, memory_budget: int | None = None, progress: bool = False) -> Tensor:
+    def score(
+        self, images: Encoded, texts: Encoded, memory_budget: int | None = None, progress: bool = False
+    ) -> Tensor:
         budget = memory_budget or self.default_memory_budget
         n_words = texts["mask"].shape[1]
         pairs = max(1, budget // self.bytes_per_pair(images["regions"].shape[1], n_words))

@@ -26,3 +26,10 @@ def config_class(name: str) -> type:
 
 def create_model(architecture: str, model_config):
     return architecture_class(architecture)(model_config)
+
+
+def build_model(run_config):
+    """The untrained model of a RunConfig, remembering the config it was built from."""
+    model = create_model(run_config.architecture, run_config.model)
+    model.run_config = run_config
+    return model

@@ -1,0 +1,169 @@
+"""The `itmatch` command: a thin layer over the library; settings beyond a few flags go through
+`--set key=value` on the preset's config instead of one flag each."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+
+from itmatch.errors import ItmatchError
+
+SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+
+
+def memory_size(text: str) -> int:
+    """'512M', '2G', '1048576' -> bytes."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmg]?)i?b?\s*", text.lower())
+    if not match:
+        raise argparse.ArgumentTypeError(f"not a memory size: {text!r} (e.g. 512M, 2G)")
+    return int(float(match.group(1)) * SIZE_UNITS[match.group(2)])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="itmatch", description="Image-text matching: train, evaluate, convert.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    train = commands.add_parser("train", help="train a preset on a precomp folder")
+    train.add_argument("--model", required=True, help="preset name (see `itmatch models`)")
+    train.add_argument("--data", required=True, type=Path, help="precomp folder with train (and dev) splits")
+    train.add_argument("--out", required=True, type=Path, help="run folder for checkpoints and logs")
+    train.add_argument("--epochs", type=int, help="same as --set train.epochs=N")
+    train.add_argument("--batch-size", type=int, help="same as --set train.batch_size=N")
+    train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
+    train.add_argument("--vocab", type=Path, help="vocabulary JSON (default: DATA/vocab.json, else built)")
+    train.add_argument("--resume", action="store_true", help="continue the run in --out from its last.pt")
+    train.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    evaluate = commands.add_parser("evaluate", help="bidirectional retrieval metrics of a checkpoint")
+    evaluate.add_argument("checkpoint", type=Path)
+    evaluate.add_argument("--data", required=True, type=Path)
+    evaluate.add_argument("--split", default="test")
+    evaluate.add_argument("--protocol", default="1k", choices=["1k", "coco-5fold", "coco-5k"])
+    evaluate.add_argument("--json", type=Path, help="also write the metrics as JSON here")
+    evaluate.add_argument("--batch-size", type=int, default=128)
+    evaluate.add_argument("--memory-budget", type=memory_size, help="working memory of pair scoring, e.g. 2G")
+    evaluate.add_argument("--quiet", action="store_true")
+
+    convert = commands.add_parser("convert", help="convert an official checkpoint to itmatch")
+    convert.add_argument("source", choices=["official-cmcan"])
+    convert.add_argument("checkpoint", type=Path)
+    convert.add_argument("out", type=Path)
+    convert.add_argument("--vocab", type=Path, help="the SCAN-format vocabulary JSON it was trained with")
+
+    vocab = commands.add_parser("build-vocab", help="SCAN's vocabulary of a precomp folder (train + dev)")
+    vocab.add_argument("data", type=Path)
+    vocab.add_argument("--threshold", type=int, default=4, help="minimum word count")
+    vocab.add_argument("--out", type=Path, help="default: DATA/vocab.json")
+
+    synthetic = commands.add_parser("make-synthetic", help="write a synthetic scene data set (precomp layout)")
+    synthetic.add_argument("out", type=Path)
+    synthetic.add_argument("--train", type=int, default=2000)
+    synthetic.add_argument("--dev", type=int, default=250)
+    synthetic.add_argument("--test", type=int, default=250)
+    synthetic.add_argument("--seed", type=int, default=0)
+    synthetic.add_argument("--regions", type=int, default=36, help="regions per image")
+    synthetic.add_argument("--feature-dim", type=int, default=256)
+
+    commands.add_parser("models", help="list the presets")
+    return parser
+
+
+def run_train(args) -> None:
+    from itmatch.config import build_run_config, merge, parse_overrides
+    from itmatch.training import train
+
+    overrides = parse_overrides(args.set)
+    flags = {"epochs": args.epochs, "batch_size": args.batch_size}
+    overrides = merge(overrides, {"train": {k: v for k, v in flags.items() if v is not None}})
+    config = build_run_config(args.model, overrides)
+    state = train(
+        config,
+        args.data,
+        args.out,
+        resume=args.resume,
+        vocab_path=args.vocab,
+        overrides=overrides,
+        progress=not args.quiet,
+    )
+    print(f"best dev rSum {state.best_rsum:.1f} at epoch {state.best_epoch}; checkpoints in {args.out}")
+
+
+def run_evaluate(args) -> None:
+    from itmatch.checkpoint import load_checkpoint
+    from itmatch.data.precomp import PrecompSplit
+    from itmatch.evaluation.metrics import format_results
+    from itmatch.evaluation.runner import evaluate_split
+
+    model = load_checkpoint(args.checkpoint)
+    split = PrecompSplit(args.data, args.split)
+    result = evaluate_split(model, split, args.protocol, args.batch_size, args.memory_budget, progress=not args.quiet)
+    sizes = f"{result['n_images']} images, {result['n_captions']} captions"
+    title = f"{args.checkpoint} on {args.data} {args.split} ({args.protocol}: {sizes})"
+    print(format_results({model.run_config.preset: result}, title=title))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+
+
+def run_convert(args) -> None:
+    from itmatch.convert import convert_official_cmcan
+
+    model = convert_official_cmcan(args.checkpoint, args.out, args.vocab)
+    print(f"wrote {args.out} ({model.run_config.preset}, {sum(p.numel() for p in model.parameters()):,} parameters)")
+
+
+def run_build_vocab(args) -> None:
+    from itmatch.data.vocab import build_vocab_for_dir
+
+    vocab = build_vocab_for_dir(args.data, args.threshold)
+    out = args.out or args.data / "vocab.json"
+    vocab.save(out)
+    print(f"wrote {out}: {len(vocab)} words (count >= {args.threshold} in train + dev)")
+
+
+def run_make_synthetic(args) -> None:
+    from itmatch.data.synthetic import SyntheticSpec, make_synthetic
+
+    splits = {name: count for name in ("train", "dev", "test") if (count := getattr(args, name)) > 0}
+    spec = SyntheticSpec(n_regions=args.regions, feature_dim=args.feature_dim)
+    make_synthetic(args.out, splits, seed=args.seed, spec=spec)
+    print(f"wrote {', '.join(f'{n} {s}' for s, n in splits.items())} images to {args.out}")
+
+
+def run_models(args) -> None:
+    from itmatch.config import load_preset, preset_names
+
+    for name in preset_names():
+        preset = load_preset(name)
+        print(f"{name:18s} {preset['architecture']:8s} {preset.get('description', '')}")
+
+
+COMMANDS = {
+    "train": run_train,
+    "evaluate": run_evaluate,
+    "convert": run_convert,
+    "build-vocab": run_build_vocab,
+    "make-synthetic": run_make_synthetic,
+    "models": run_models,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        COMMANDS[args.command](args)
+    except ItmatchError as error:
+        print(f"itmatch {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        hint = f"; continue with: itmatch train ... --out {args.out} --resume" if args.command == "train" else ""
+        print(f"itmatch {args.command}: interrupted{hint}", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

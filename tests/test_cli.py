@@ -1,0 +1,165 @@
+"""The `itmatch` command end to end on small data: every subcommand and its error messages."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import numpy as np
+import pytest
+from conftest import SHARED
+
+from itmatch.cli import main, memory_size
+from itmatch.data.vocab import Vocabulary
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    out = tmp_path_factory.mktemp("data")
+    assert (
+        main(
+            [
+                "make-synthetic",
+                str(out),
+                "--train",
+                "120",
+                "--dev",
+                "20",
+                "--test",
+                "50",
+                "--regions",
+                "8",
+                "--feature-dim",
+                "16",
+                "--seed",
+                "2",
+            ]
+        )
+        == 0
+    )
+    return out
+
+
+@pytest.fixture(scope="module")
+def trained(data, tmp_path_factory):
+    run = tmp_path_factory.mktemp("run")
+    assert (
+        main(
+            [
+                "train",
+                "--model",
+                "vsepp",
+                "--data",
+                str(data),
+                "--out",
+                str(run),
+                "--epochs",
+                "2",
+                "--batch-size",
+                "16",
+                "--quiet",
+                "--set",
+                "model.embed_size=32",
+                "--set",
+                "model.text.word_dim=16",
+            ]
+        )
+        == 0
+    )
+    return run
+
+
+def test_make_synthetic_writes_the_precomp_layout(data):
+    for split, n in (("train", 120), ("dev", 20), ("test", 50)):
+        assert np.load(data / f"{split}_ims.npy", mmap_mode="r").shape == (n, 8, 16)
+        assert len((data / f"{split}_caps.txt").read_text().splitlines()) == 5 * n
+
+
+def test_build_vocab(data, tmp_path, capsys):
+    assert main(["build-vocab", str(data), "--out", str(tmp_path / "vocab.json")]) == 0
+    vocab = Vocabulary.load(tmp_path / "vocab.json")
+    assert vocab.words[:4] == ["<pad>", "<start>", "<end>", "<unk>"] and "dog" in vocab.words
+    assert f"{len(vocab)} words" in capsys.readouterr().out
+
+
+def test_models_lists_every_preset(capsys):
+    assert main(["models"]) == 0
+    out = capsys.readouterr().out
+    assert all(name in out for name in ("cmcan-paper", "cmcan-official", "vsepp"))
+
+
+def test_train_then_evaluate_writes_the_json(trained, data, tmp_path, capsys):
+    assert (
+        main(["evaluate", str(trained / "best.pt"), "--data", str(data), "--json", str(tmp_path / "m.json"), "--quiet"])
+        == 0
+    )
+    result = json.loads((tmp_path / "m.json").read_text())
+    assert set(result) >= {"i2t", "t2i", "rsum", "protocol", "n_images", "n_captions"}
+    assert set(result["i2t"]) == {"r1", "r5", "r10", "medr", "meanr"}
+    assert (result["n_images"], result["n_captions"], result["protocol"]) == (50, 250, "1k")
+    table = capsys.readouterr().out
+    assert "t2i R@10" in table and f"{result['rsum']:.1f}" in table
+
+
+def test_five_fold_protocol_averages_folds(trained, data, tmp_path):
+    assert (
+        main(
+            [
+                "evaluate",
+                str(trained / "best.pt"),
+                "--data",
+                str(data),
+                "--protocol",
+                "coco-5fold",
+                "--json",
+                str(tmp_path / "f.json"),
+                "--quiet",
+                "--memory-budget",
+                "1M",
+            ]
+        )
+        == 0
+    )
+    result = json.loads((tmp_path / "f.json").read_text())
+    assert result["n_folds"] == 5 and result["n_images"] == 10
+    recalls = [result[d][k] for d in ("i2t", "t2i") for k in ("r1", "r5", "r10")]
+    assert result["rsum"] == pytest.approx(sum(recalls))
+
+
+def test_convert_official_checkpoint(tmp_path, capsys):
+    official = SHARED / "fixtures" / "cmcan_official_small_ckpt.pth.tar"
+    if not official.exists():
+        pytest.skip("../shared/fixtures is not beside the project")
+    assert main(["convert", "official-cmcan", str(official), str(tmp_path / "cmcan.pt")]) == 0
+    assert "cmcan-official" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["evaluate", "{missing}", "--data", "{data}"], "missing.pt: no such file"),
+        (["evaluate", "{best}", "--data", "{data}", "--split", "val"], "val_ims.npy: file not found"),
+        (["evaluate", "{best}", "--data", "{data}", "--protocol", "coco-5fold", "--split", "dev"], None),
+        (["train", "--model", "nope", "--data", "{data}", "--out", "{out}"], "unknown preset 'nope'"),
+        (
+            ["train", "--model", "vsepp", "--data", "{data}", "--out", "{out}", "--set", "train.epoch=3"],
+            "unknown config key 'train.epoch'",
+        ),
+        (["train", "--model", "vsepp", "--data", "{data}", "--out", "{out}", "--resume"], "nothing to resume"),
+        (["build-vocab", "{out}"], "train_caps.txt: file not found"),
+    ],
+)
+def test_errors_are_one_clear_line(args, message, trained, data, tmp_path, capsys):
+    fill = {"missing": tmp_path / "missing.pt", "data": data, "best": trained / "best.pt", "out": tmp_path / "out"}
+    code = main([a.format(**fill) for a in args])
+    err = capsys.readouterr().err
+    if message is None:  # 20 dev images split into 5 folds of 4 is fine: must succeed
+        assert code == 0, err
+        return
+    assert code == 2 and "error:" in err and message in err and "Traceback" not in err
+
+
+def test_memory_sizes():
+    assert memory_size("512M") == 512 << 20 and memory_size("2G") == 2 << 30 and memory_size("1000") == 1000
+    with pytest.raises(argparse.ArgumentTypeError):
+        memory_size("lots")
