@@ -10,3 +10,10 @@ SHARED = Path(os.environ.get("ITMATCH_SHARED", Path(__file__).resolve().parents[
 
 # Two cores here: keep test timings stable and comparable with the official measurements.
 torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+def subprocess_env(**extra: str) -> dict[str, str]:
+    """The environment for running `python -m itmatch.cli` from the source tree."""
+    source = str(Path(__file__).resolve().parents[1] / "src")
+    path = os.pathsep.join(p for p in (source, os.environ.get("PYTHONPATH")) if p)
+    return {**os.environ, "PYTHONPATH": path, **extra}

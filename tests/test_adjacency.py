@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import SHARED
 
 from itmatch.data import adjacency as adjacency_module
 from itmatch.data.adjacency import adjacency_file_name, directional_adjacency
 from itmatch.errors import InputError
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 FIXTURE = SHARED / "fixtures" / "cmcan_official_small_io.npz"
 F30K = SHARED / "data" / "f30k_test_text"
 

@@ -25,11 +25,14 @@ def io():
     return dict(np.load(FIXTURES / "cmcan_official_small_io.npz"))
 
 
-@pytest.fixture(scope="module")
-def model(tmp_path_factory):
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.fixture(scope="module", params=DEVICES)
+def model(request, tmp_path_factory):
     out = tmp_path_factory.mktemp("converted") / "cmcan.pt"
     convert_official_cmcan(OFFICIAL, out)
-    return load_checkpoint(out, device="cpu")
+    return load_checkpoint(out, device=request.param)
 
 
 def inputs(io):
@@ -42,7 +45,7 @@ def inputs(io):
 
 
 def close(actual: torch.Tensor, expected: np.ndarray, atol: float = ATOL) -> None:
-    actual = actual.detach().numpy()
+    actual = actual.detach().cpu().numpy()
     assert actual.shape == expected.shape
     np.testing.assert_allclose(actual, expected, rtol=0, atol=atol)
 
@@ -98,7 +101,7 @@ def test_image_and_text_stages(model, io):
     close(image_codes["context"], io["stage_img_partial"])
     close(text_codes["global"], io["stage_cap_global"])
     slots = neighbour_slots(adjacency, model.config.context.slots)
-    np.testing.assert_array_equal(np.sort(slots.numpy(), -1), np.sort(io["stage_partial_ids"], -1))
+    np.testing.assert_array_equal(np.sort(slots.cpu().numpy(), -1), np.sort(io["stage_partial_ids"], -1))
 
 
 def test_pair_stages(model, io):
@@ -124,7 +127,7 @@ def test_earlier_sgr_module_spelling_converts_identically(tmp_path, model, io):
     payload["model"][4] = {k.replace("module_", "SGR_module_"): v for k, v in payload["model"][4].items()}
     torch.save(payload, tmp_path / "old.pth.tar")
     convert_official_cmcan(tmp_path / "old.pth.tar", tmp_path / "old.pt")
-    old = load_checkpoint(tmp_path / "old.pt", device="cpu")
+    old = load_checkpoint(tmp_path / "old.pt", device=model.device)
     images, captions, lengths, adjacency = inputs(io)
     with torch.no_grad():
         close(old.similarity(images, captions, lengths, adjacency=adjacency), io["sims"])

@@ -7,12 +7,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from conftest import SHARED
 
 from itmatch.data.tokenizer import tokenize
 from itmatch.data.vocab import END, PAD, START, UNK, Vocabulary, build_vocab_for_dir
 from itmatch.errors import DataError, InputError
 
-F30K = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "f30k_test_text"
+F30K = SHARED / "data" / "f30k_test_text"
 needs_f30k = pytest.mark.skipif(not F30K.exists(), reason=f"Flickr30K test captions and vocab not found at {F30K}")
 
 

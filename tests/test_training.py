@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -12,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import subprocess_env
 
 from itmatch import build_run_config, load_checkpoint
 from itmatch.checkpoint import read_checkpoint
@@ -114,7 +114,7 @@ def train_args(data: Path, out: Path, epochs: int) -> list[str]:
 
 
 def test_killed_mid_epoch_then_resumed_finishes_the_same_steps(data, tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+    env = subprocess_env()
     process = subprocess.Popen(
         cli(*train_args(data, tmp_path, 2)), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
     )
@@ -140,7 +140,7 @@ def test_killed_mid_epoch_then_resumed_finishes_the_same_steps(data, tmp_path):
 
 
 def test_resume_with_more_epochs_extends_the_run(data, tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+    env = subprocess_env()
     first = subprocess.run(cli(*train_args(data, tmp_path, 1)), env=env, capture_output=True, text=True)
     assert first.returncode == 0, first.stderr
     second = subprocess.run(cli(*train_args(data, tmp_path, 2), "--resume"), env=env, capture_output=True, text=True)
@@ -152,7 +152,8 @@ def test_torchrun_two_processes_train_one_model(data, tmp_path):
     torchrun = Path(sys.executable).with_name("torchrun")
     if not torchrun.exists():
         pytest.skip("torchrun is not installed beside this Python")
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src"), "OMP_NUM_THREADS": "1"}
+    # Two processes share this machine's CPU (gloo), also where one GPU could not hold both ranks.
+    env = subprocess_env(OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
     command = [str(torchrun), "--standalone", "--nproc_per_node=2", "-m", "itmatch.cli", *train_args(data, tmp_path, 1)]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
