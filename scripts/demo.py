@@ -29,42 +29,16 @@ DATA = OUT / "data"
 # Sizes and schedule chosen so that both models train in a few minutes on 2 CPU cores: small
 # dimensions, batches of 32, lr 1e-3 and the sum of violations (the papers' hardest negative at
 # lr 2e-4 stalls for the first epochs, longer than this demo lasts). See the README.
-COMMON = [
-    "--batch-size",
-    "32",
-    "--quiet",
-    "--set",
-    "train.learning_rate=0.001",
-    "--set",
-    "loss.negatives=sum",
-    "--set",
-    "loss.exclude_same_image=true",
-    "--set",
-    "train.checkpoint_every=0",
-]
+COMMON = (
+    "--batch-size 32 --quiet --set train.learning_rate=0.001 --set loss.negatives=sum "
+    "--set loss.exclude_same_image=true --set train.checkpoint_every=0"
+).split()
 MODELS = {
-    "VSE++": [
-        "--model",
-        "vsepp",
-        "--epochs",
-        "12",
-        "--set",
-        "model.embed_size=256",
-        "--set",
-        "model.text.word_dim=128",
-    ],
-    "CMCAN": [
-        "--model",
-        "cmcan-official",
-        "--epochs",
-        "7",
-        "--set",
-        "model.embed_size=128",
-        "--set",
-        "model.sim_dim=32",
-        "--set",
-        "model.text.word_dim=128",
-    ],
+    "VSE++": "--model vsepp --epochs 12 --set model.embed_size=256 --set model.text.word_dim=128".split(),
+    "CMCAN": (
+        "--model cmcan-official --epochs 7 --set model.embed_size=128 --set model.sim_dim=32 "
+        "--set model.text.word_dim=128"
+    ).split(),
 }
 
 

@@ -13,59 +13,23 @@ from itmatch.cli import main, memory_size
 from itmatch.data.vocab import Vocabulary
 
 
+def itmatch(command: str) -> int:
+    """Runs `itmatch COMMAND` in-process (the paths in these tests have no spaces)."""
+    return main(command.split())
+
+
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     out = tmp_path_factory.mktemp("data")
-    assert (
-        main(
-            [
-                "make-synthetic",
-                str(out),
-                "--train",
-                "120",
-                "--dev",
-                "20",
-                "--test",
-                "50",
-                "--regions",
-                "8",
-                "--feature-dim",
-                "16",
-                "--seed",
-                "2",
-            ]
-        )
-        == 0
-    )
+    assert itmatch(f"make-synthetic {out} --train 120 --dev 20 --test 50 --regions 8 --feature-dim 16 --seed 2") == 0
     return out
 
 
 @pytest.fixture(scope="module")
 def trained(data, tmp_path_factory):
     run = tmp_path_factory.mktemp("run")
-    assert (
-        main(
-            [
-                "train",
-                "--model",
-                "vsepp",
-                "--data",
-                str(data),
-                "--out",
-                str(run),
-                "--epochs",
-                "2",
-                "--batch-size",
-                "16",
-                "--quiet",
-                "--set",
-                "model.embed_size=32",
-                "--set",
-                "model.text.word_dim=16",
-            ]
-        )
-        == 0
-    )
+    sizes = "--set model.embed_size=32 --set model.text.word_dim=16"
+    assert itmatch(f"train --model vsepp --data {data} --out {run} --epochs 2 --batch-size 16 --quiet {sizes}") == 0
     return run
 
 
@@ -76,23 +40,20 @@ def test_make_synthetic_writes_the_precomp_layout(data):
 
 
 def test_build_vocab(data, tmp_path, capsys):
-    assert main(["build-vocab", str(data), "--out", str(tmp_path / "vocab.json")]) == 0
+    assert itmatch(f"build-vocab {data} --out {tmp_path / 'vocab.json'}") == 0
     vocab = Vocabulary.load(tmp_path / "vocab.json")
     assert vocab.words[:4] == ["<pad>", "<start>", "<end>", "<unk>"] and "dog" in vocab.words
     assert f"{len(vocab)} words" in capsys.readouterr().out
 
 
 def test_models_lists_every_preset(capsys):
-    assert main(["models"]) == 0
+    assert itmatch("models") == 0
     out = capsys.readouterr().out
     assert all(name in out for name in ("cmcan-paper", "cmcan-official", "vsepp"))
 
 
 def test_train_then_evaluate_writes_the_json(trained, data, tmp_path, capsys):
-    assert (
-        main(["evaluate", str(trained / "best.pt"), "--data", str(data), "--json", str(tmp_path / "m.json"), "--quiet"])
-        == 0
-    )
+    assert itmatch(f"evaluate {trained / 'best.pt'} --data {data} --json {tmp_path / 'm.json'} --quiet") == 0
     result = json.loads((tmp_path / "m.json").read_text())
     assert set(result) >= {"i2t", "t2i", "rsum", "protocol", "n_images", "n_captions"}
     assert set(result["i2t"]) == {"r1", "r5", "r10", "medr", "meanr"}
@@ -101,25 +62,9 @@ def test_train_then_evaluate_writes_the_json(trained, data, tmp_path, capsys):
     assert "t2i R@10" in table and f"{result['rsum']:.1f}" in table
 
 
-def test_five_fold_protocol_averages_folds(trained, data, tmp_path):
-    assert (
-        main(
-            [
-                "evaluate",
-                str(trained / "best.pt"),
-                "--data",
-                str(data),
-                "--protocol",
-                "coco-5fold",
-                "--json",
-                str(tmp_path / "f.json"),
-                "--quiet",
-                "--memory-budget",
-                "1M",
-            ]
-        )
-        == 0
-    )
+def test_five_fold_protocol_averages_folds_with_workers(trained, data, tmp_path):
+    options = "--protocol coco-5fold --quiet --memory-budget 1M --workers 2"
+    assert itmatch(f"evaluate {trained / 'best.pt'} --data {data} --json {tmp_path / 'f.json'} {options}") == 0
     result = json.loads((tmp_path / "f.json").read_text())
     assert result["n_folds"] == 5 and result["n_images"] == 10
     recalls = [result[d][k] for d in ("i2t", "t2i") for k in ("r1", "r5", "r10")]
@@ -130,33 +75,32 @@ def test_convert_official_checkpoint(tmp_path, capsys):
     official = SHARED / "fixtures" / "cmcan_official_small_ckpt.pth.tar"
     if not official.exists():
         pytest.skip("../shared/fixtures is not beside the project")
-    assert main(["convert", "official-cmcan", str(official), str(tmp_path / "cmcan.pt")]) == 0
+    assert itmatch(f"convert official-cmcan {official} {tmp_path / 'cmcan.pt'}") == 0
     assert "cmcan-official" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(
-    "args, message",
+    "command, message",
     [
-        (["evaluate", "{missing}", "--data", "{data}"], "missing.pt: no such file"),
-        (["evaluate", "{best}", "--data", "{data}", "--split", "val"], "val_ims.npy: file not found"),
-        (["evaluate", "{best}", "--data", "{data}", "--protocol", "coco-5fold", "--split", "dev"], None),
-        (["train", "--model", "nope", "--data", "{data}", "--out", "{out}"], "unknown preset 'nope'"),
-        (
-            ["train", "--model", "vsepp", "--data", "{data}", "--out", "{out}", "--set", "train.epoch=3"],
-            "unknown config key 'train.epoch'",
-        ),
-        (["train", "--model", "vsepp", "--data", "{data}", "--out", "{out}", "--resume"], "nothing to resume"),
-        (["build-vocab", "{out}"], "train_caps.txt: file not found"),
+        ("evaluate {missing} --data {data}", "missing.pt: no such file"),
+        ("evaluate {best} --data {data} --split val", "val_ims.npy: file not found"),
+        ("evaluate {best} --data {data} --split test --protocol coco-5fold --memory-budget lots", None),
+        ("train --model nope --data {data} --out {out}", "unknown preset 'nope'"),
+        ("train --model vsepp --data {data} --out {out} --set train.epoch=3", "unknown config key 'train.epoch'"),
+        ("train --model vsepp --data {data} --out {out} --resume", "nothing to resume"),
+        ("build-vocab {out}", "train_caps.txt: file not found"),
     ],
 )
-def test_errors_are_one_clear_line(args, message, trained, data, tmp_path, capsys):
+def test_errors_are_one_clear_line(command, message, trained, data, tmp_path, capsys):
     fill = {"missing": tmp_path / "missing.pt", "data": data, "best": trained / "best.pt", "out": tmp_path / "out"}
-    code = main([a.format(**fill) for a in args])
-    err = capsys.readouterr().err
-    if message is None:  # 20 dev images split into 5 folds of 4 is fine: must succeed
-        assert code == 0, err
+    if message is None:  # argparse's own usage error
+        with pytest.raises(SystemExit):
+            itmatch(command.format(**fill))
+        assert "not a memory size: 'lots'" in capsys.readouterr().err
         return
-    assert code == 2 and "error:" in err and message in err and "Traceback" not in err
+    assert itmatch(command.format(**fill)) == 2
+    err = capsys.readouterr().err
+    assert "error:" in err and message in err and "Traceback" not in err
 
 
 def test_memory_sizes():

@@ -64,6 +64,22 @@ def test_one_row_per_caption(tmp_path: Path) -> None:
     assert split.image_of_caption(7) == 7
 
 
+def test_dump_with_each_image_repeated_once_per_caption(tmp_path: Path) -> None:
+    """SCAN-style dumps where N_rows == N_captions and every image fills 5 consecutive rows."""
+    folder = make_split(tmp_path / "data")
+    repeated = {
+        name: np.repeat(np.load(folder / name, allow_pickle=True), 5, axis=0)
+        for name in ("test_ims.npy", "test_ims_bbx.npy", "test_ims_size.npy")
+    }
+    for name, array in repeated.items():
+        np.save(folder / name, array, allow_pickle=True)
+    split = PrecompSplit(folder, "test")
+    assert (split.row_repeat, split.n_images, split.n_captions, split.captions_per_image) == (5, 4, 20, 5)
+    np.testing.assert_array_equal(split.features, repeated["test_ims.npy"][::5])
+    assert split.boxes.shape == (4, N_REGIONS, 4) and split.image_sizes.shape == (4, 2)
+    assert split.adjacency().shape == (4, N_REGIONS, N_REGIONS)
+
+
 def test_truncation(tmp_path: Path) -> None:
     folder = make_split(tmp_path / "data")
     split = PrecompSplit(folder, "test", max_captions=10)

@@ -45,7 +45,7 @@ def test_same_seed_same_data(data, tmp_path):
         assert (again / name).read_bytes() == (data / name).read_bytes()
 
 
-RELATION = re.compile(r"^a (\w+) (\w+) (to the left of|to the right of|above|below) a (\w+) (\w+) \.$")
+RELATION = re.compile(r"^an? (\w+) (\w+) (to the left of|to the right of|above|below) an? (\w+) (\w+) \.$")
 
 
 def test_captions_state_true_colours_and_relations(data):

@@ -83,34 +83,12 @@ def cli(*args: str) -> list[str]:
 
 
 def train_args(data: Path, out: Path, epochs: int) -> list[str]:
-    return [
-        "train",
-        "--model",
-        "cmcan-official",
-        "--data",
-        str(data),
-        "--out",
-        str(out),
-        "--epochs",
-        str(epochs),
-        "--batch-size",
-        "16",
-        "--quiet",
-        "--set",
-        "train.checkpoint_every=3",
-        "--set",
-        "train.learning_rate=0.001",
-        "--set",
-        "model.embed_size=32",
-        "--set",
-        "model.sim_dim=16",
-        "--set",
-        "model.text.word_dim=32",
-        "--set",
-        "loss.negatives=sum",
-        "--set",
-        "train.dev_max_captions=null",
-    ]
+    settings = (
+        "train.checkpoint_every=3 train.learning_rate=0.001 model.embed_size=32 model.sim_dim=16 "
+        "model.text.word_dim=32 loss.negatives=sum train.dev_max_captions=null"
+    )
+    command = f"train --model cmcan-official --data {data} --out {out} --epochs {epochs} --batch-size 16 --quiet"
+    return command.split() + [arg for setting in settings.split() for arg in ("--set", setting)]
 
 
 def test_killed_mid_epoch_then_resumed_finishes_the_same_steps(data, tmp_path):

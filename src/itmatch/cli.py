@@ -44,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--protocol", default="1k", choices=["1k", "coco-5fold", "coco-5k"])
     evaluate.add_argument("--json", type=Path, help="also write the metrics as JSON here")
     evaluate.add_argument("--batch-size", type=int, default=128)
+    evaluate.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
     evaluate.add_argument("--memory-budget", type=memory_size, help="working memory of pair scoring, e.g. 2G")
     evaluate.add_argument("--quiet", action="store_true")
 
@@ -99,7 +100,9 @@ def run_evaluate(args) -> None:
 
     model = load_checkpoint(args.checkpoint)
     split = PrecompSplit(args.data, args.split)
-    result = evaluate_split(model, split, args.protocol, args.batch_size, args.memory_budget, progress=not args.quiet)
+    result = evaluate_split(
+        model, split, args.protocol, args.batch_size, args.memory_budget, args.workers, progress=not args.quiet
+    )
     sizes = f"{result['n_images']} images, {result['n_captions']} captions"
     title = f"{args.checkpoint} on {args.data} {args.split} ({args.protocol}: {sizes})"
     print(format_results({model.run_config.preset: result}, title=title))

@@ -191,8 +191,9 @@ class _Trainer:
         }
         if self.process.main:
             if self.dev_split is not None:
+                train = self.config.train
                 metrics = evaluate_split(
-                    self.model, self.dev_split, batch_size=self.config.train.eval_batch_size, progress=False
+                    self.model, self.dev_split, batch_size=train.eval_batch_size, workers=train.workers, progress=False
                 )
                 record.update(
                     dev_rsum=metrics["rsum"], dev_i2t_r1=metrics["i2t"]["r1"], dev_t2i_r1=metrics["t2i"]["r1"]

@@ -72,6 +72,17 @@ def _load_npy(path: Path, mmap: bool = False) -> np.ndarray:
         raise DataError(path, f"is truncated or corrupt ({type(error).__name__}: {error})") from None
 
 
+def _row_repeat(features: np.ndarray, n_captions: int, repeat: int = 5) -> int:
+    """`repeat` when the features hold each image `repeat` times in a row (one row per caption,
+    as some SCAN dumps do), else 1. Two groups of rows are compared: cheap on a memory map."""
+    rows = features.shape[0]
+    if rows != n_captions or rows % repeat or rows < 2 * repeat:
+        return 1
+    groups = [features[g * repeat : (g + 1) * repeat] for g in range(2)]
+    repeated = all(np.array_equal(group[0], group[k]) for group in groups for k in range(1, repeat))
+    return repeat if repeated and not np.array_equal(groups[0][0], groups[1][0]) else 1
+
+
 def cache_root() -> Path:
     """`$ITMATCH_CACHE`, else `~/.cache/itmatch`."""
     return Path(os.environ.get("ITMATCH_CACHE") or Path.home() / ".cache" / "itmatch")
@@ -94,9 +105,12 @@ class PrecompSplit:
         self.boxes_path = self.data_dir / f"{split}_ims_bbx.npy"
         self.sizes_path = self.data_dir / f"{split}_ims_size.npy"
 
-        self._features = self._open_features()
-        self._n_images_in_file = self._features.shape[0]
+        features = self._open_features()
         self.captions = read_captions(self.captions_path)
+        # Some dumps store each image once per caption (N_rows == N_captions): read every 5th row.
+        self.row_repeat = _row_repeat(features, len(self.captions))
+        self._features = features[:: self.row_repeat]
+        self._n_images_in_file = self._features.shape[0]
         self.captions_per_image = self._count_captions_per_image()
         self.ids = self._read_ids()
         self.n_images = self._n_images_in_file
@@ -119,6 +133,12 @@ class PrecompSplit:
             raise DataError(self.features_path, f"has shape {features.shape}: no data")
         return features
 
+    def _per_image(self, rows: np.ndarray | list) -> np.ndarray | list:
+        """One entry per image of a file that may, like the features, repeat each image."""
+        if self.row_repeat > 1 and len(rows) == self._n_images_in_file * self.row_repeat:
+            return rows[:: self.row_repeat]
+        return rows
+
     def _count_captions_per_image(self) -> int:
         n_captions, n_images = len(self.captions), self._n_images_in_file
         if n_captions % n_images:
@@ -131,7 +151,7 @@ class PrecompSplit:
     def _read_ids(self) -> list[str] | None:
         if not self.ids_path.exists():
             return None
-        ids = read_captions(self.ids_path)
+        ids = self._per_image(read_captions(self.ids_path))
         if len(ids) != self._n_images_in_file:
             raise DataError(
                 self.ids_path,
@@ -199,7 +219,7 @@ class PrecompSplit:
         raw = _load_npy(self.boxes_path)
         try:
             boxes = np.stack(raw.tolist()) if raw.dtype == object else raw
-            boxes = boxes.astype(np.float32)
+            boxes = self._per_image(boxes.astype(np.float32))
         except (ValueError, TypeError) as error:
             raise DataError(self.boxes_path, f"does not hold numeric boxes ({error})") from None
         expected = (self._n_images_in_file, self.n_regions, 4)
@@ -220,7 +240,7 @@ class PrecompSplit:
             if raw.dtype == object:
                 # CMCAN's format: one {'image_w', 'image_h'} dict per image.
                 raw = np.array([(d["image_w"], d["image_h"]) for d in raw.tolist()], dtype=np.float64)
-            sizes = raw.astype(np.float64)
+            sizes = self._per_image(raw.astype(np.float64))
         except (KeyError, TypeError, ValueError, IndexError) as error:
             raise DataError(
                 self.sizes_path,
@@ -276,7 +296,7 @@ class PrecompSplit:
         return bool(sources) and path.stat().st_mtime_ns < max(sources)
 
     def _open_adjacency(self, path: Path) -> np.ndarray:
-        adjacency = _load_npy(path, mmap=True)
+        adjacency = self._per_image(_load_npy(path, mmap=True))
         expected = (self._n_images_in_file, self.n_regions, self.n_regions)
         if adjacency.shape != expected:
             raise DataError(

@@ -26,25 +26,8 @@ import numpy as np
 
 from itmatch.files import atomic_write
 
-CATEGORIES = (
-    "dog",
-    "cat",
-    "horse",
-    "bird",
-    "car",
-    "bus",
-    "boat",
-    "bicycle",
-    "tree",
-    "house",
-    "chair",
-    "table",
-    "ball",
-    "kite",
-    "umbrella",
-    "man",
-    "woman",
-    "child",
+CATEGORIES = tuple(
+    "dog cat horse bird car bus boat bicycle tree house chair table ball kite umbrella man woman child".split()
 )
 COLOURS = ("red", "blue", "green", "yellow", "white", "black", "orange", "purple")
 SIZES = ("small", "large")
@@ -238,7 +221,7 @@ def _captions(scene, object_boxes, rng) -> list[str]:
             relation = _relation(object_boxes[i], object_boxes[j])
             template = rng.integers(3)
             if template == 0:
-                text = f"a {a.colour} {a.category} {relation} a {b.colour} {b.category}"
+                text = f"{_a(a.colour)} {a.category} {relation} {_a(b.colour)} {b.category}"
             elif template == 1:
                 text = f"there is a {a.size} {a.colour} {a.category} {relation} the {b.colour} {b.category}"
             else:
@@ -248,6 +231,10 @@ def _captions(scene, object_boxes, rng) -> list[str]:
             text = f"a {a.size} {a.colour} {a.category} in the {_place(object_boxes[scene.index(a)])} of the picture"
         captions.append(text[0].upper() + text[1:] + " .")
     return captions
+
+
+def _a(word: str) -> str:
+    return f"{'an' if word[0] in 'aeiou' else 'a'} {word}"
 
 
 def describe(objects: list[dict]) -> str:
