@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import subprocess_env
@@ -17,7 +18,7 @@ from itmatch import build_run_config, load_checkpoint
 from itmatch.checkpoint import read_checkpoint
 from itmatch.data.precomp import PrecompSplit
 from itmatch.data.synthetic import SyntheticSpec, make_synthetic
-from itmatch.errors import ItmatchError
+from itmatch.errors import DataError, ItmatchError
 from itmatch.evaluation.runner import evaluate_split
 from itmatch.training import train
 
@@ -137,3 +138,16 @@ def test_torchrun_two_processes_train_one_model(data, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     state = read_checkpoint(tmp_path / "last.pt")["state"]
     assert state["epoch"] == 1 and state["step"] == 400 * 5 // 32  # each step trains 2 x 16 captions
+
+
+def test_nan_features_stop_training_with_the_file_and_image_named(data, tmp_path):
+    broken = tmp_path / "data"
+    broken.mkdir()
+    for path in data.iterdir():
+        (broken / path.name).symlink_to(path)
+    features = np.load(data / "train_ims.npy")
+    features[17, 3, 0] = np.nan
+    (broken / "train_ims.npy").unlink()
+    np.save(broken / "train_ims.npy", features)
+    with pytest.raises(DataError, match=r"train_ims.npy: image 17 has NaN"):
+        train(fast_config("vsepp", train={"epochs": 1}), broken, tmp_path / "run", progress=False, log=quiet)
