@@ -10,7 +10,7 @@ import torch
 from conftest import SHARED
 
 from itmatch.checkpoint import load_checkpoint
-from itmatch.convert import convert_official_cmcan
+from itmatch.convert.cmcan import convert_official_cmcan
 from itmatch.errors import CheckpointError
 from itmatch.models.cmcan import neighbour_slots
 

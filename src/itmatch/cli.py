@@ -9,6 +9,7 @@ import re
 import sys
 from pathlib import Path
 
+from itmatch.convert import CONVERTERS
 from itmatch.errors import ItmatchError
 
 SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
@@ -49,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--quiet", action="store_true")
 
     convert = commands.add_parser("convert", help="convert an official checkpoint to itmatch")
-    convert.add_argument("source", choices=["official-cmcan"])
+    convert.add_argument("source", choices=sorted(CONVERTERS))
     convert.add_argument("checkpoint", type=Path)
     convert.add_argument("out", type=Path)
     convert.add_argument("--vocab", type=Path, help="the SCAN-format vocabulary JSON it was trained with")
@@ -112,9 +113,9 @@ def run_evaluate(args) -> None:
 
 
 def run_convert(args) -> None:
-    from itmatch.convert import convert_official_cmcan
+    from itmatch.convert import converter
 
-    model = convert_official_cmcan(args.checkpoint, args.out, args.vocab)
+    model = converter(args.source)(args.checkpoint, args.out, args.vocab)
     print(f"wrote {args.out} ({model.run_config.preset}, {sum(p.numel() for p in model.parameters()):,} parameters)")
 
 

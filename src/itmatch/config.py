@@ -23,8 +23,9 @@ from itmatch.errors import ConfigError
 @dataclass
 class LossConfig:
     margin: float = 0.2
-    # "sum": every violating negative in the batch; "hardest": the hardest one (VSE++ max violation).
-    negatives: Literal["sum", "hardest"] = "hardest"
+    # "sum": every violating negative in the batch; "hardest": the hardest one (VSE++ max
+    # violation); "k:N": the N hardest (kNN-margin, Liu & Ye 2019).
+    negatives: str = "hardest"
     # Epochs trained with "sum" before switching to `negatives` (VSE-infinity's warm-up): hardest
     # negatives from the start often stall at loss = 2 * batch * margin for several epochs.
     warmup_epochs: int = 0
@@ -33,6 +34,21 @@ class LossConfig:
     # Two captions of one image in a batch are not each other's negatives; the official code
     # (which masks only the diagonal) counts them as negatives.
     exclude_same_image: bool = True
+
+    def __post_init__(self) -> None:
+        hardest_k(self.negatives)  # validates
+
+
+def hardest_k(negatives: str) -> int | None:
+    """How many negatives count per query: None for all ("sum"), 1 for "hardest", N for "k:N"."""
+    if negatives == "sum":
+        return None
+    if negatives == "hardest":
+        return 1
+    count = negatives[2:] if negatives.startswith("k:") else ""
+    if not count.isdigit() or int(count) < 1:
+        raise ConfigError(f'loss.negatives must be "sum", "hardest" or "k:N" with N >= 1, got {negatives!r}')
+    return int(count)
 
 
 @dataclass

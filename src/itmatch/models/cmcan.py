@@ -197,7 +197,9 @@ class CMCAN(CrossAttentionMatcher):
         attention = self.config.attention
 
         # Each word attends to the regions; each region to the words (padding masked out).
-        word_weights = attention_weights(torch.einsum("jld,ird->ijlr", words, regions), attention)
+        word_weights = attention_weights(
+            torch.einsum("jld,ird->ijlr", words, regions), attention, query_mask=mask[None, :, :, None]
+        )
         attended_regions = torch.einsum("ijlr,ird->ijld", word_weights, regions)
         region_weights = attention_weights(
             torch.einsum("ird,jld->ijrl", regions, words), attention, key_mask=mask[None, :, None, :]

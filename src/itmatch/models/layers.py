@@ -30,32 +30,60 @@ def xavier_init(module: nn.Module) -> None:
 
 @dataclass
 class CrossAttentionConfig:
+    """How queries attend to keys from their cosine scores (SCAN's func_attention and relatives).
+
+    SCAN's `raw_feature_norm` options map to (activation, normalization): clipped_l2norm =
+    (leaky_relu, l2), l2norm = (none, l2), clipped_l1norm = (leaky_relu, l1), l1norm = (none, l1),
+    softmax = (none, softmax), clipped = (leaky_relu, none), no_norm = (none, none).
+    """
+
     # lambda: inverse temperature of the softmax over the attended items.
     temperature: float = 9.0
-    activation: Literal["leaky_relu", "relu"] = "leaky_relu"
+    activation: Literal["leaky_relu", "relu", "none"] = "leaky_relu"
     leaky_slope: float = 0.1
-    # Which axis the clipped cosine scores are l2-normalised over before the softmax: SCAN's code
-    # (and CMCAN's) normalises over the query items, the CMCAN paper over the attended items.
+    normalization: Literal["l2", "l1", "softmax", "none"] = "l2"
+    # Which axis the scores are normalised over before the softmax: SCAN's code (and CMCAN's)
+    # normalises over the query items, the CMCAN paper over the attended items.
     normalize_over: Literal["queries", "keys"] = "queries"
-    # The official code l2-normalises the attended vector; the paper's a_i is the plain sum.
+    # The official CMCAN/SGRAF code l2-normalises the attended vector; SCAN and the CMCAN paper do not.
     normalize_output: bool = True
 
 
-def attention_weights(scores: Tensor, config: CrossAttentionConfig, key_mask: Tensor | None = None) -> Tensor:
+def attention_weights(
+    scores: Tensor,
+    config: CrossAttentionConfig,
+    query_mask: Tensor | None = None,
+    key_mask: Tensor | None = None,
+) -> Tensor:
     """Softmax weights over keys from cosine scores (..., queries, keys).
 
-    Padding items must already score 0 (their embeddings are zero), so they add nothing to the
-    normalisation; `key_mask` keeps padded keys out of the softmax.
+    Masks are True at real (not padding) items and broadcast against `scores`. Padding items score
+    0 (their embeddings are zero), so they add nothing to an l1 or l2 normalisation; a softmax
+    normalisation and the final softmax over keys leave them out explicitly.
     """
     if config.activation == "leaky_relu":
         scores = nn.functional.leaky_relu(scores, config.leaky_slope)
-    else:
+    elif config.activation == "relu":
         scores = scores.clamp(min=0)
-    scores = l2norm(scores, dim=-2 if config.normalize_over == "queries" else -1)
+    if config.normalization != "none":
+        over_queries = config.normalize_over == "queries"
+        scores = _normalize(
+            scores, config.normalization, -2 if over_queries else -1, query_mask if over_queries else key_mask
+        )
     logits = scores * config.temperature
     if key_mask is not None:
         logits = logits.masked_fill(~key_mask, float("-inf"))
     return torch.softmax(logits, dim=-1)
+
+
+def _normalize(scores: Tensor, kind: str, dim: int, mask: Tensor | None) -> Tensor:
+    if kind == "l2":
+        return l2norm(scores, dim=dim)
+    if kind == "l1":
+        return scores / (scores.abs().sum(dim, keepdim=True) + 1e-8)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return torch.softmax(scores, dim=dim)
 
 
 @dataclass

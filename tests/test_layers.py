@@ -1,0 +1,33 @@
+"""Shared building blocks: padding must never change what real items get."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from itmatch.models.layers import CrossAttentionConfig, attention_weights
+
+
+@pytest.mark.parametrize(
+    "normalization, over, activation",
+    list(itertools.product(["l2", "l1", "softmax", "none"], ["queries", "keys"], ["leaky_relu", "relu", "none"])),
+)
+def test_padding_words_change_no_weight(normalization, over, activation):
+    config = CrossAttentionConfig(activation=activation, normalization=normalization, normalize_over=over)
+    generator = torch.Generator().manual_seed(0)
+    regions, words = torch.randn(5, 8, generator=generator), torch.randn(4, 8, generator=generator)
+    padded_words = torch.cat([words, torch.zeros(3, 8)])  # padding embeddings are zero
+    mask = torch.arange(7) < 4
+
+    # words as queries attending to regions
+    exact = attention_weights(words @ regions.T, config)
+    padded = attention_weights(padded_words @ regions.T, config, query_mask=mask[:, None])
+    torch.testing.assert_close(padded[:4], exact)
+
+    # regions as queries attending to words
+    exact = attention_weights(regions @ words.T, config)
+    padded = attention_weights(regions @ padded_words.T, config, key_mask=mask[None, :])
+    torch.testing.assert_close(padded[:, :4], exact)
+    assert padded[:, 4:].abs().max() == 0
