@@ -1,6 +1,10 @@
-"""Architecture registry: a new method is one module that registers its Matcher class."""
+"""Architecture registry: a new method is one module in itmatch.models that registers its Matcher
+class, plus a preset JSON; it is found without editing any other file."""
 
 from __future__ import annotations
+
+import importlib
+import pkgutil
 
 from itmatch.errors import ConfigError
 
@@ -12,9 +16,22 @@ def register(cls: type) -> type:
     return cls
 
 
-def architecture_class(name: str) -> type:
-    import itmatch.models  # noqa: F401  (importing the package registers every architecture)
+def _discover() -> None:
+    """Imports every module of itmatch.models once (each registers its classes)."""
+    import itmatch.models as package
 
+    for module in pkgutil.iter_modules(package.__path__):
+        importlib.import_module(f"{package.__name__}.{module.name}")
+
+
+def architectures() -> list[str]:
+    _discover()
+    return sorted(_ARCHITECTURES)
+
+
+def architecture_class(name: str) -> type:
+    if name not in _ARCHITECTURES:
+        _discover()
     if name not in _ARCHITECTURES:
         raise ConfigError(f"unknown architecture {name!r}; available: {', '.join(sorted(_ARCHITECTURES))}")
     return _ARCHITECTURES[name]
