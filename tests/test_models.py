@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -17,11 +19,12 @@ N_REGIONS = 9
 
 
 def small_model(preset: str):
-    sizes = dict(SMALL)
-    if build_run_config(preset).architecture == "cmcan":
-        sizes.update(sim_dim=8, n_regions=N_REGIONS)
+    """The preset at small sizes: every size field its config has is shrunk."""
+    config = build_run_config(preset)
+    fields = {f.name for f in dataclasses.fields(config.model)}
+    sizes = {key: value for key, value in {**SMALL, "sim_dim": 8, "n_regions": N_REGIONS}.items() if key in fields}
     torch.manual_seed(0)
-    return create_model(build_run_config(preset).architecture, build_run_config(preset, {"model": sizes}).model)
+    return create_model(config.architecture, build_run_config(preset, {"model": sizes}).model)
 
 
 def inputs(n_images=4, n_captions=6, seed=0):
