@@ -107,3 +107,12 @@ def test_memory_sizes():
     assert memory_size("512M") == 512 << 20 and memory_size("2G") == 2 << 30 and memory_size("1000") == 1000
     with pytest.raises(argparse.ArgumentTypeError):
         memory_size("lots")
+
+
+def test_ensemble_with_inverted_softmax(trained, data, tmp_path, capsys):
+    best = trained / "best.pt"
+    options = f"--inverted-softmax 0.05 --json {tmp_path / 'e.json'} --quiet"
+    assert itmatch(f"evaluate {best} {best} --data {data} {options}") == 0
+    result = json.loads((tmp_path / "e.json").read_text())
+    assert result["checkpoints"] == [str(best), str(best)] and result["inverted_softmax"] == 0.05
+    assert "vsepp + vsepp (inverted softmax 0.05)" in capsys.readouterr().out

@@ -38,12 +38,15 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", action="store_true", help="continue the run in --out from its last.pt")
     train.add_argument("--quiet", action="store_true", help="no progress bars")
 
-    evaluate = commands.add_parser("evaluate", help="bidirectional retrieval metrics of a checkpoint")
-    evaluate.add_argument("checkpoint", type=Path)
+    evaluate = commands.add_parser("evaluate", help="bidirectional retrieval metrics of checkpoints")
+    evaluate.add_argument("checkpoints", type=Path, nargs="+", help="several: an ensemble (scores averaged)")
     evaluate.add_argument("--data", required=True, type=Path)
     evaluate.add_argument("--split", default="test")
     evaluate.add_argument("--protocol", default="1k", choices=["1k", "coco-5fold", "coco-5k"])
     evaluate.add_argument("--json", type=Path, help="also write the metrics as JSON here")
+    evaluate.add_argument(
+        "--inverted-softmax", type=float, metavar="TEMP", help="rank by scores / TEMP softmax-normalised over queries"
+    )
     evaluate.add_argument("--batch-size", type=int, default=128)
     evaluate.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
     evaluate.add_argument("--memory-budget", type=memory_size, help="working memory of pair scoring, e.g. 2G")
@@ -99,14 +102,24 @@ def run_evaluate(args) -> None:
     from itmatch.evaluation.metrics import format_results
     from itmatch.evaluation.runner import evaluate_split
 
-    model = load_checkpoint(args.checkpoint)
+    models = [load_checkpoint(path) for path in args.checkpoints]
     split = PrecompSplit(args.data, args.split)
     result = evaluate_split(
-        model, split, args.protocol, args.batch_size, args.memory_budget, args.workers, progress=not args.quiet
+        models,
+        split,
+        args.protocol,
+        args.batch_size,
+        args.memory_budget,
+        args.workers,
+        not args.quiet,
+        args.inverted_softmax,
     )
+    result["checkpoints"] = [str(path) for path in args.checkpoints]
+    name = " + ".join(model.run_config.preset for model in models)
+    if args.inverted_softmax:
+        name += f" (inverted softmax {args.inverted_softmax:g})"
     sizes = f"{result['n_images']} images, {result['n_captions']} captions"
-    title = f"{args.checkpoint} on {args.data} {args.split} ({args.protocol}: {sizes})"
-    print(format_results({model.run_config.preset: result}, title=title))
+    print(format_results({name: result}, title=f"{args.data} {args.split} ({args.protocol}: {sizes})"))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=2) + "\n")

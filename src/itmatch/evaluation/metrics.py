@@ -154,12 +154,23 @@ def _rsum(i2t: dict[str, float], t2i: dict[str, float]) -> float:
 
 
 def retrieval_metrics(
-    sims: Any, captions_per_image: int = 5, *, chunk_bytes: int = DEFAULT_CHUNK_BYTES
+    sims: Any,
+    captions_per_image: int = 5,
+    *,
+    t2i_sims: Any | None = None,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
 ) -> dict[str, Any]:
-    """Both directions on the whole matrix (Flickr30K 1K, COCO 5K): i2t, t2i, rsum, sizes."""
+    """Both directions on the whole matrix (Flickr30K 1K, COCO 5K): i2t, t2i, rsum, sizes.
+
+    `t2i_sims`, when given, ranks images for captions instead of `sims` (which then ranks
+    captions for images): inverted softmax normalises the two directions differently.
+    """
     sims = _validated(sims, captions_per_image, chunk_bytes)
+    t2i_sims = sims if t2i_sims is None else _validated(t2i_sims, captions_per_image, chunk_bytes)
+    if t2i_sims.shape != sims.shape:
+        raise InputError(f"t2i_sims has shape {t2i_sims.shape}, sims {sims.shape}")
     i2t = recall_summary(_i2t(sims, captions_per_image, chunk_bytes))
-    t2i = recall_summary(_t2i(sims, captions_per_image, chunk_bytes))
+    t2i = recall_summary(_t2i(t2i_sims, captions_per_image, chunk_bytes))
     return {
         "i2t": i2t,
         "t2i": t2i,

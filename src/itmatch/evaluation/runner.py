@@ -47,29 +47,52 @@ def encode_split(
 
 @torch.no_grad()
 def evaluate_split(
-    model: Matcher,
+    models: Matcher | list[Matcher],
     split: PrecompSplit,
     protocol: str = "1k",
     batch_size: int = 128,
     memory_budget: int | None = None,
     workers: int = 0,
     progress: bool = True,
+    inverted_softmax: float | None = None,
 ) -> dict:
-    """Bidirectional retrieval metrics of `model` on `split` (model put in eval mode)."""
+    """Bidirectional retrieval metrics on `split` (models are put in eval mode).
+
+    Several models form an ensemble: their score matrices are averaged, as the field's "ensemble"
+    rows do. `inverted_softmax` (a temperature) normalises each gallery item's scores over the
+    queries before ranking, which counters hubs (items close to every query).
+    """
     if protocol not in PROTOCOLS:
         raise InputError(f"unknown protocol {protocol!r}; choose one of {', '.join(PROTOCOLS)}")
     n_folds = 5 if protocol == "coco-5fold" else 1
     if split.n_images % n_folds:
         raise InputError(f"{protocol} needs a number of images divisible by 5; the split has {split.n_images}")
-    model.eval()
-    images, texts = encode_split(model, split, batch_size, workers, progress)
+    models = models if isinstance(models, list) else [models]
+    encodings = []
+    for model in models:
+        model.eval()
+        encodings.append(encode_split(model, split, batch_size, workers, progress))
     per_image = split.captions_per_image
     fold_images = split.n_images // n_folds
     folds = []
     for fold in range(n_folds):
-        image_part = images.select(slice(fold * fold_images, (fold + 1) * fold_images))
-        text_part = texts.select(slice(fold * fold_images * per_image, (fold + 1) * fold_images * per_image))
-        sims = model.score(image_part, text_part, memory_budget=memory_budget, progress=progress)
-        folds.append(retrieval_metrics(sims.float().cpu().numpy(), per_image))
+        images = slice(fold * fold_images, (fold + 1) * fold_images)
+        texts = slice(images.start * per_image, images.stop * per_image)
+        sims = sum(
+            model.score(image_codes.select(images), text_codes.select(texts), memory_budget, progress).float().cpu()
+            for model, (image_codes, text_codes) in zip(models, encodings, strict=True)
+        ) / len(models)
+        i2t_sims, t2i_sims = _ranking_scores(sims, inverted_softmax)
+        folds.append(retrieval_metrics(i2t_sims, per_image, t2i_sims=t2i_sims))
     result = aggregate_folds(folds) if n_folds > 1 else folds[0]
-    return {**result, "protocol": protocol}
+    return {**result, "protocol": protocol, "inverted_softmax": inverted_softmax}
+
+
+def _ranking_scores(sims: torch.Tensor, temperature: float | None) -> tuple:
+    """(scores ranking captions for each image, scores ranking images for each caption)."""
+    if temperature is None:
+        return sims.numpy(), None
+    logits = sims.double() / temperature
+    # image-to-text ranks captions: each caption's scores are normalised over the images, and
+    # text-to-image ranks images: each image's scores over the captions.
+    return torch.softmax(logits, dim=0).numpy(), torch.softmax(logits, dim=1).numpy()

@@ -1,0 +1,86 @@
+"""evaluate_split: one model, ensembles (averaged score matrices), inverted softmax, folds."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from itmatch import build_run_config
+from itmatch.data.precomp import PrecompSplit
+from itmatch.data.synthetic import SyntheticSpec, make_synthetic
+from itmatch.data.vocab import build_vocab_for_dir
+from itmatch.evaluation.metrics import retrieval_metrics
+from itmatch.evaluation.runner import _ranking_scores, encode_split, evaluate_split
+from itmatch.models.registry import build_model
+
+SIZES = {"embed_size": 16, "text": {"word_dim": 8}}
+
+
+@pytest.fixture(scope="module")
+def split(tmp_path_factory):
+    spec = SyntheticSpec(n_regions=6, feature_dim=12)
+    data = make_synthetic(tmp_path_factory.mktemp("data"), {"train": 10, "dev": 10, "test": 20}, seed=4, spec=spec)
+    return PrecompSplit(data, "test")
+
+
+def untrained(preset: str, split: PrecompSplit, seed: int):
+    torch.manual_seed(seed)
+    vocab = build_vocab_for_dir(split.data_dir, threshold=1)
+    sizes = {**SIZES, "vocab_size": len(vocab), "img_dim": split.feature_dim}
+    if preset.startswith("cmcan"):
+        sizes.update(sim_dim=8, n_regions=split.n_regions)
+    model = build_model(build_run_config(preset, {"model": sizes}))
+    model.vocab = vocab
+    return model.eval()
+
+
+def full_scores(model, split) -> torch.Tensor:
+    images, texts = encode_split(model, split, progress=False)
+    with torch.no_grad():
+        return model.score(images, texts).float()
+
+
+def test_single_model_matches_metrics_of_its_score_matrix(split):
+    model = untrained("cmcan-official", split, 0)
+    result = evaluate_split(model, split, progress=False)
+    expected = retrieval_metrics(full_scores(model, split).numpy())
+    assert result["rsum"] == pytest.approx(expected["rsum"]) and result["t2i"] == expected["t2i"]
+
+
+def test_ensemble_averages_the_score_matrices(split):
+    first, second = untrained("cmcan-official", split, 1), untrained("vsepp", split, 2)
+    average = (full_scores(first, split) + full_scores(second, split)) / 2
+    result = evaluate_split([first, second], split, progress=False)
+    expected = retrieval_metrics(average.numpy())
+    assert result["i2t"] == pytest.approx(expected["i2t"]) and result["t2i"] == pytest.approx(expected["t2i"])
+
+
+def test_inverted_softmax_normalises_each_gallery_item_over_the_queries():
+    generator = torch.Generator().manual_seed(0)
+    sims = torch.rand(4, 8, generator=generator, dtype=torch.float64)
+    i2t, t2i = _ranking_scores(sims, 0.1)
+    for caption in range(8):  # captions are the i2t gallery: normalised over the images
+        column = torch.exp(sims[:, caption] / 0.1)
+        np.testing.assert_allclose(i2t[:, caption], (column / column.sum()).numpy())
+    for image in range(4):  # images are the t2i gallery: normalised over the captions
+        row = torch.exp(sims[image] / 0.1)
+        np.testing.assert_allclose(t2i[image], (row / row.sum()).numpy())
+
+
+def test_inverted_softmax_tames_a_hub():
+    """Image 0 outscores every other image on every caption (a hub): plain t2i R@1 is 1 in 4;
+    normalising each image over the captions restores the right image for every caption."""
+    n = 4
+    sims = torch.eye(n).repeat_interleave(5, dim=1) * 0.5
+    sims[0] += 0.6
+    plain = retrieval_metrics(sims.numpy())
+    i2t, t2i = _ranking_scores(sims, 0.05)
+    inverted = retrieval_metrics(i2t, t2i_sims=t2i)
+    assert plain["t2i"]["r1"] == 25.0 and inverted["t2i"]["r1"] == 100.0
+
+
+def test_folds_and_inverted_softmax_together(split):
+    model = untrained("vsepp", split, 3)
+    result = evaluate_split([model, model], split, protocol="coco-5fold", progress=False, inverted_softmax=0.1)
+    assert result["n_folds"] == 5 and result["inverted_softmax"] == 0.1 and len(result["folds"]) == 5
