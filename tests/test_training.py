@@ -151,3 +151,12 @@ def test_nan_features_stop_training_with_the_file_and_image_named(data, tmp_path
     np.save(broken / "train_ims.npy", features)
     with pytest.raises(DataError, match=r"train_ims.npy: image 17 has NaN"):
         train(fast_config("vsepp", train={"epochs": 1}), broken, tmp_path / "run", progress=False, log=quiet)
+
+
+def test_optimizer_follows_the_preset():
+    from itmatch.training import _optimizer
+
+    adamw = _optimizer(torch.nn.Linear(2, 2), build_run_config("vse-infty-bigru"))
+    adam = _optimizer(torch.nn.Linear(2, 2), build_run_config("vsepp"))
+    assert type(adamw) is torch.optim.AdamW and adamw.defaults["weight_decay"] == 0.01
+    assert type(adam) is torch.optim.Adam and adam.defaults["weight_decay"] == 0.0

@@ -46,11 +46,12 @@ def read_checkpoint(path: str | Path) -> dict:
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises many types for corrupt or foreign files
-        if _is_official_cmcan(path):
+        family = _official_family(path)
+        if family:
             raise CheckpointError(
                 path,
-                "this is an official CMCAN training checkpoint; convert it first with "
-                "`itmatch convert official-cmcan CKPT OUT.pt`",
+                f"this is an official {family.upper()} training checkpoint; convert it first with "
+                f"`itmatch convert official-{family} CKPT OUT.pt`",
             ) from None
         raise CheckpointError(path, f"not a readable itmatch checkpoint ({type(error).__name__}: {error})") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
@@ -60,13 +61,20 @@ def read_checkpoint(path: str | Path) -> dict:
     return payload
 
 
-def _is_official_cmcan(path: Path) -> bool:
+# The official training scripts save {"model": [state dicts of the parts], "opt": Namespace}.
+OFFICIAL_PARTS = {2: "scan", 3: "sgraf", 5: "cmcan"}
+
+
+def _official_family(path: Path) -> str | None:
+    """ "scan", "sgraf" or "cmcan" when `path` is one of those official checkpoints."""
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception:
-        return False
-    return isinstance(payload, dict) and isinstance(payload.get("model"), list) and "opt" in payload
+        return None
+    if not isinstance(payload, dict) or not isinstance(payload.get("model"), list) or "opt" not in payload:
+        return None
+    return OFFICIAL_PARTS.get(len(payload["model"]))
 
 
 def load_checkpoint(

@@ -60,6 +60,9 @@ class TrainConfig:
     lr_decay_epochs: int = 15
     lr_decay_factor: float = 0.1
     grad_clip: float = 2.0
+    # "adam" as SCAN, SGRAF, CMCAN and VSE++; "adamw" as VSE-infinity (torch's default decay 0.01).
+    optimizer: Literal["adam", "adamw"] = "adam"
+    weight_decay: float = 0.0
     workers: int = 0
     seed: int = 0
     # Peers validate on the first 5,000 dev captions (1,000 images); None uses the whole split.

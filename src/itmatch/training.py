@@ -88,7 +88,7 @@ def train(
     if process.main:
         _write_json(run_dir / "config.json", config.to_dict())
     model.to(process.device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.train.learning_rate)
+    optimizer = _optimizer(model, config)
     if optimizer_state is not None:
         optimizer.load_state_dict(optimizer_state)
     trainer = _Trainer(config, model, optimizer, state, train_split, dev_split, run_dir, process, progress, log)
@@ -217,6 +217,12 @@ class _Trainer:
             return
         extra = {"optimizer": self.optimizer.state_dict()} if with_optimizer else {}
         save_checkpoint(self.run_dir / name, self.model, self.config, state=asdict(self.state), **extra)
+
+
+def _optimizer(model, config: RunConfig) -> torch.optim.Optimizer:
+    train = config.train
+    kind = torch.optim.AdamW if train.optimizer == "adamw" else torch.optim.Adam
+    return kind(model.parameters(), lr=train.learning_rate, weight_decay=train.weight_decay)
 
 
 def _epoch_line(record: dict, improved: bool) -> str:

@@ -45,7 +45,7 @@ class GRUTextEncoder(nn.Module):
         """Returns words (n, L, D), mask (n, L) and the last hidden state (n, D)."""
         embedded = self.dropout(self.embed(tokens))
         packed = pack_padded_sequence(embedded, lengths.cpu(), batch_first=True, enforce_sorted=False)
-        with _float32_rnn():
+        with float32_rnn():
             output, hidden = self.rnn(packed)
         words, _ = pad_packed_sequence(output, batch_first=True, total_length=tokens.shape[1])
         last = hidden[-1]
@@ -59,7 +59,7 @@ class GRUTextEncoder(nn.Module):
 
 
 @contextmanager
-def _float32_rnn() -> Iterator[None]:
+def float32_rnn() -> Iterator[None]:
     """cuDNN runs RNNs in TF32 by default, which moves word vectors by ~1e-4 on recent GPUs; the
     official checkpoints' outputs are reproduced (to ~1e-6) only in true float32."""
     previous = torch.backends.cudnn.allow_tf32
