@@ -31,3 +31,18 @@ def test_padding_words_change_no_weight(normalization, over, activation):
     padded = attention_weights(regions @ padded_words.T, config, key_mask=mask[None, :])
     torch.testing.assert_close(padded[:, :4], exact)
     assert padded[:, 4:].abs().max() == 0
+
+
+def test_precomposed_reasoning_equals_the_plain_form_and_node_zero_alone():
+    from itmatch.models.layers import GraphReasoning
+
+    torch.manual_seed(0)
+    layer = GraphReasoning(16)
+    nodes = torch.randn(6, 9, 16)
+    mask = torch.arange(9)[None] < torch.tensor([9, 5, 3, 9, 1, 7])[:, None]
+    plain = layer(nodes, mask)  # gradients enabled: the plain (query, key) form
+    with torch.no_grad():
+        precomposed = layer(nodes, mask)
+        first = layer(nodes, mask, first_only=True)
+    torch.testing.assert_close(precomposed, plain.detach(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(first, plain.detach()[:, :1], atol=1e-5, rtol=1e-5)

@@ -146,3 +146,36 @@ def test_encoded_cat_pads_and_select_trims_the_word_axis():
     joined = Encoded.cat([short, long])
     assert joined["words"].shape == (3, 5, 4) and joined["mask"].sum().item() == 11
     assert joined.select(slice(0, 2))["words"].shape == (2, 3, 4)
+
+
+def test_scoring_a_list_of_pairs_gives_the_grid_entries(model):
+    features, tokens, lengths, adjacency = inputs(n_images=5, n_captions=7)
+    generator = torch.Generator().manual_seed(3)
+    image_index, text_index = (
+        torch.randint(0, 5, (40,), generator=generator),
+        torch.randint(0, 7, (40,), generator=generator),
+    )
+    with torch.no_grad():
+        images, texts = model.encode_images(features, adjacency), model.encode_texts(tokens, lengths)
+        grid = model.score(images, texts)
+        if hasattr(model, "score_pair_list"):
+            listed = model.score_pair_list(images, texts, image_index, text_index, memory_budget=1)  # 1 pair a chunk
+        else:
+            listed = model.score_aligned(images.select(image_index), texts.select(text_index))
+    torch.testing.assert_close(listed, grid[image_index, text_index], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_reduced_precision_scores_stay_close(model, precision):
+    features, tokens, lengths, adjacency = inputs()
+    with torch.no_grad():
+        exact = model.similarity(features, tokens, lengths, adjacency=adjacency)
+        reduced = model.similarity(features, tokens, lengths, adjacency=adjacency, precision=precision)
+    assert reduced.dtype == torch.float32
+    torch.testing.assert_close(reduced, exact, atol=0.05, rtol=0.05)
+
+
+def test_unknown_precision_is_refused(model):
+    features, tokens, lengths, adjacency = inputs()
+    with pytest.raises(InputError, match="precision"):
+        model.similarity(features, tokens, lengths, adjacency=adjacency, precision="fp8")

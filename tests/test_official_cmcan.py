@@ -12,6 +12,7 @@ from conftest import SHARED
 from itmatch.checkpoint import load_checkpoint
 from itmatch.convert.cmcan import convert_official_cmcan
 from itmatch.errors import CheckpointError
+from itmatch.models.base import grid_view
 from itmatch.models.cmcan import neighbour_slots
 
 FIXTURES = SHARED / "fixtures"
@@ -107,7 +108,8 @@ def test_image_and_text_stages(model, io):
 def test_pair_stages(model, io):
     images, captions, lengths, adjacency = inputs(io)
     with torch.no_grad():
-        stages = model.pair_stages(model.encode_images(images, adjacency), model.encode_texts(captions, lengths))
+        views = grid_view(model.encode_images(images, adjacency), model.encode_texts(captions, lengths))
+        stages = model.pair_stages(*views)
     close(stages["word_align"], io["stage_word_align"])
     close(stages["global_align"], io["stage_global_align"])
     close(stages["region_confidence"], io["stage_region_confidence"])

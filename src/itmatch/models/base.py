@@ -7,6 +7,7 @@ product of two vectors; cross-attention models run a network on every image-capt
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from typing import ClassVar
@@ -48,8 +49,12 @@ class Encoded:
                 picked[key] = picked[key][:, :length]
         return Encoded(picked, self.padded)
 
-    def to(self, device: torch.device | str) -> Encoded:
-        return Encoded({k: v.to(device) for k, v in self.tensors.items()}, self.padded)
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Encoded:
+        """On `device`, with floating-point tensors in `dtype` (masks keep theirs)."""
+        return Encoded(
+            {k: v.to(device, dtype if v.is_floating_point() else None) for k, v in self.tensors.items()},
+            self.padded,
+        )
 
     @staticmethod
     def cat(parts: list[Encoded]) -> Encoded:
@@ -105,9 +110,21 @@ class Matcher(nn.Module):
         raise NotImplementedError
 
     def score(
-        self, images: Encoded, texts: Encoded, memory_budget: int | None = None, progress: bool = False
+        self,
+        images: Encoded,
+        texts: Encoded,
+        memory_budget: int | None = None,
+        progress: bool = False,
+        precision: str = "fp32",
     ) -> Tensor:
-        """Scores of every image with every text: (n_images, n_texts)."""
+        """Scores of every image with every text: (n_images, n_texts), float32.
+
+        `precision` "bf16" or "fp16" runs the matrix products in that type (autocast).
+        """
+        raise NotImplementedError
+
+    def score_aligned(self, images: Encoded, texts: Encoded) -> Tensor:
+        """Scores of image p with text p for every p: (n_pairs,)."""
         raise NotImplementedError
 
     def similarity(
@@ -118,15 +135,17 @@ class Matcher(nn.Module):
         adjacency: Tensor | None = None,
         boxes: Tensor | None = None,
         image_sizes: Tensor | None = None,
+        precision: str = "fp32",
     ) -> Tensor:
         """The (n_images, n_captions) score matrix of region features and token-id captions.
 
         For models that read the region graph, `adjacency` is derived from `boxes` and
-        `image_sizes` (w, h) when it is not given.
+        `image_sizes` (w, h) when it is not given. `precision`: "fp32", "bf16" or "fp16" scoring.
         """
         if self.needs_adjacency and adjacency is None:
             adjacency = self._adjacency_from_boxes(images, boxes, image_sizes)
-        return self(images, captions, lengths, adjacency)
+        encoded = self.encode_images(images, adjacency), self.encode_texts(captions, lengths)
+        return self.score(*encoded, precision=precision)
 
     def forward(self, features: Tensor, tokens: Tensor, lengths: Tensor, adjacency: Tensor | None = None) -> Tensor:
         """The score matrix of a batch: what training calls (and DistributedDataParallel wraps)."""
@@ -189,43 +208,119 @@ class EmbeddingMatcher(Matcher):
     """Scores by the dot product of one image vector and one text vector (key "vector")."""
 
     def score(
-        self, images: Encoded, texts: Encoded, memory_budget: int | None = None, progress: bool = False
+        self,
+        images: Encoded,
+        texts: Encoded,
+        memory_budget: int | None = None,
+        progress: bool = False,
+        precision: str = "fp32",
     ) -> Tensor:
-        return images["vector"] @ texts["vector"].T
+        with autocast(self.device, precision):
+            return (images["vector"] @ texts["vector"].T).float()
+
+    def score_aligned(self, images: Encoded, texts: Encoded) -> Tensor:
+        return (images["vector"] * texts["vector"]).sum(-1)
 
 
 class CrossAttentionMatcher(Matcher):
-    """Scores every pair with a network; `score_pairs` does one tile of images x texts."""
+    """Scores pairs with a network run on each pair.
+
+    A subclass implements `pair_scores(images, texts)` on dicts of tensors whose leading "pair"
+    axes broadcast: a grid tile passes images as (n_i, 1, ...) and texts as (1, n_t, ...), a list
+    of pairs passes (n_pairs, ...) on both sides. One function thus scores exhaustive tiles and
+    reranked candidates alike; einsum with `...` keeps the broadcast free (no copies).
+    """
 
     # Working memory of one tile by default: small tiles stay in the CPU's cache, while a GPU needs
     # large tiles to be busy (measured: 64 MiB is the fastest here on CPU and 12-16x too small on
     # an H100).
     default_memory_budget: ClassVar[dict[str, int]] = {"cpu": 64 << 20, "cuda": 2 << 30}
 
-    def score_pairs(self, images: Encoded, texts: Encoded) -> Tensor:
+    def pair_scores(self, images: dict[str, Tensor], texts: dict[str, Tensor]) -> Tensor:
+        raise NotImplementedError
+
+    def bytes_per_pair(self, n_regions: int, n_words: int) -> int:
+        """An estimate of the working memory one pair needs inside `pair_scores`."""
         raise NotImplementedError
 
     def memory_budget(self) -> int:
         return self.default_memory_budget.get(self.device.type, self.default_memory_budget["cpu"])
 
-    def bytes_per_pair(self, n_regions: int, n_words: int) -> int:
-        """An estimate of the working memory one pair needs inside `score_pairs`."""
-        raise NotImplementedError
+    def score_pairs(self, images: Encoded, texts: Encoded) -> Tensor:
+        """Every image of one tile with every text of it: (n_images, n_texts)."""
+        return self.pair_scores(*grid_view(images, texts))
+
+    def score_aligned(self, images: Encoded, texts: Encoded) -> Tensor:
+        """Image p with text p for every p: (n_pairs,)."""
+        return self.pair_scores(images.tensors, texts.tensors)
 
     def score(
-        self, images: Encoded, texts: Encoded, memory_budget: int | None = None, progress: bool = False
+        self,
+        images: Encoded,
+        texts: Encoded,
+        memory_budget: int | None = None,
+        progress: bool = False,
+        precision: str = "fp32",
     ) -> Tensor:
-        budget = memory_budget or self.memory_budget()
-        n_words = texts["mask"].shape[1]
-        pairs = max(1, budget // self.bytes_per_pair(images["regions"].shape[1], n_words))
+        pairs = self._pairs_per_tile(images, texts, memory_budget, precision)
         image_tile = max(1, min(len(images), math.isqrt(pairs)))
         text_tile = max(1, min(len(texts), pairs // image_tile))
+        images, texts = images.to(dtype=PRECISIONS.get(precision)), texts.to(dtype=PRECISIONS.get(precision))
         rows = []
-        for i in tqdm(range(0, len(images), image_tile), desc="score pairs", disable=not progress, leave=False):
-            image_part = images.select(slice(i, i + image_tile))
-            row = [
-                self.score_pairs(image_part, texts.select(slice(j, j + text_tile)))
-                for j in range(0, len(texts), text_tile)
-            ]
-            rows.append(torch.cat(row, dim=1))
+        with autocast(self.device, precision):
+            for i in tqdm(range(0, len(images), image_tile), desc="score pairs", disable=not progress, leave=False):
+                image_part = images.select(slice(i, i + image_tile))
+                row = [
+                    self.score_pairs(image_part, texts.select(slice(j, j + text_tile))).float()
+                    for j in range(0, len(texts), text_tile)
+                ]
+                rows.append(torch.cat(row, dim=1))
         return torch.cat(rows, dim=0)
+
+    def score_pair_list(
+        self,
+        images: Encoded,
+        texts: Encoded,
+        image_index: Tensor,
+        text_index: Tensor,
+        memory_budget: int | None = None,
+        precision: str = "fp32",
+    ) -> Tensor:
+        """Scores of the pairs (images[image_index[p]], texts[text_index[p]]): (n_pairs,)."""
+        chunk = self._pairs_per_tile(images, texts, memory_budget, precision)
+        images, texts = images.to(dtype=PRECISIONS.get(precision)), texts.to(dtype=PRECISIONS.get(precision))
+        parts = []
+        with autocast(self.device, precision):
+            for start in range(0, len(image_index), chunk):
+                picked = slice(start, start + chunk)
+                parts.append(
+                    self.score_aligned(images.select(image_index[picked]), texts.select(text_index[picked])).float()
+                )
+        return torch.cat(parts) if parts else torch.zeros(0, device=self.device)
+
+    def _pairs_per_tile(self, images: Encoded, texts: Encoded, memory_budget: int | None, precision: str) -> int:
+        budget = memory_budget or self.memory_budget()
+        per_pair = self.bytes_per_pair(images["regions"].shape[1], texts["mask"].shape[1])
+        if precision != "fp32":  # the estimate counts 4-byte floats
+            per_pair //= 2
+        return max(1, budget // per_pair)
+
+
+def grid_view(images: Encoded, texts: Encoded) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """The pair-axis view of every image with every text: images (n_i, 1, ...), texts (1, n_t, ...)."""
+    return (
+        {key: value.unsqueeze(1) for key, value in images.tensors.items()},
+        {key: value.unsqueeze(0) for key, value in texts.tensors.items()},
+    )
+
+
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def autocast(device: torch.device, precision: str):
+    """Mixed precision for scoring: matrix products in bf16/fp16, reductions in float32."""
+    if precision not in PRECISIONS:
+        raise InputError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if PRECISIONS[precision] is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=PRECISIONS[precision])

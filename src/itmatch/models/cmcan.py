@@ -188,37 +188,36 @@ class CMCAN(CrossAttentionMatcher):
         floats += 4 * n_regions * n_words + (n_regions + 1) ** 2 + (n_words + 1) ** 2
         return 4 * floats
 
-    def score_pairs(self, images: Encoded, texts: Encoded) -> Tensor:
+    def pair_scores(self, images: dict[str, Tensor], texts: dict[str, Tensor]) -> Tensor:
         return self.pair_stages(images, texts)["scores"]
 
-    def pair_stages(self, images: Encoded, texts: Encoded) -> dict[str, Tensor]:
-        """Every intermediate of the pair scoring, image-major (n_images, n_texts, ...)."""
+    def pair_stages(self, images: dict[str, Tensor], texts: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Every intermediate of the pair scoring, the pair axes first (see `pair_scores`): a grid
+        tile gives image-major (n_images, n_texts, ...) tensors."""
         regions, words, mask = images["regions"], texts["words"], texts["mask"]
         attention = self.config.attention
 
-        # Each word attends to the regions; each region to the words (padding masked out).
-        word_weights = attention_weights(
-            torch.einsum("jld,ird->ijlr", words, regions), attention, query_mask=mask[None, :, :, None]
-        )
-        attended_regions = torch.einsum("ijlr,ird->ijld", word_weights, regions)
-        region_weights = attention_weights(
-            torch.einsum("ird,jld->ijrl", regions, words), attention, key_mask=mask[None, :, None, :]
-        )
-        attended_words = torch.einsum("ijrl,jld->ijrd", region_weights, words)
+        # Word-region cosines, shared by both directions: each word attends to the regions, each
+        # region to the words (padding masked out).
+        cosines = torch.einsum("...ld,...rd->...lr", words, regions)
+        word_weights = attention_weights(cosines, attention, query_mask=mask[..., :, None])
+        region_weights = attention_weights(cosines.transpose(-1, -2), attention, key_mask=mask[..., None, :])
+        attended_regions = torch.einsum("...lr,...rd->...ld", word_weights, regions)
+        attended_words = torch.einsum("...rl,...ld->...rd", region_weights, words)
         if attention.normalize_output:
             attended_regions, attended_words = l2norm(attended_regions), l2norm(attended_words)
 
-        word_align = self.word_align(attended_regions, words[None]) * mask[None, :, :, None]
-        region_align = self.region_align(attended_words, regions[:, None])
-        global_align = self.global_align(images["global"][:, None], texts["global"][None])
-        context_align = self.context_align(images["context"][:, None], texts["global"][None, :, None])
+        word_align = self.word_align(attended_regions, words) * mask[..., None]
+        region_align = self.region_align(attended_words, regions)
+        global_align = self.global_align(images["global"], texts["global"])
+        context_align = self.context_align(images["context"], texts["global"][..., None, :])
 
-        confidence = self.confidence(global_align[:, :, None] * context_align).squeeze(-1)
+        confidence = self.confidence(global_align[..., None, :] * context_align).squeeze(-1)
         confidence = torch.sigmoid(self.confidence_norm(confidence))
 
-        visual_nodes = torch.cat([global_align[:, :, None], confidence[..., None] * region_align], dim=2)
-        text_nodes = torch.cat([global_align[:, :, None], word_align], dim=2)
-        text_node_mask = torch.cat([mask.new_ones(len(mask), 1), mask], dim=1)[None].expand(len(regions), -1, -1)
+        visual_nodes = torch.cat([global_align[..., None, :], confidence[..., None] * region_align], dim=-2)
+        text_nodes = torch.cat([global_align[..., None, :], word_align], dim=-2)
+        text_node_mask = torch.cat([mask[..., :1], mask], dim=-1)  # node 0 (global) is always real
 
         text_out = self._reason(self.text_reasoning, text_nodes, text_node_mask)
         visual_out = self._reason(self.visual_reasoning, visual_nodes, None)
@@ -239,10 +238,11 @@ class CMCAN(CrossAttentionMatcher):
 
     @staticmethod
     def _reason(layers: nn.ModuleList, nodes: Tensor, node_mask: Tensor | None) -> Tensor:
-        """Runs the reasoning layers over every pair's node set; returns node 0 (n_i, n_t, P)."""
-        n_images, n_texts = nodes.shape[:2]
-        flat = nodes.flatten(0, 1)
-        flat_mask = None if node_mask is None else node_mask.flatten(0, 1)
-        for layer in layers:
-            flat = layer(flat, flat_mask)
-        return flat[:, 0].view(n_images, n_texts, -1)
+        """The reasoning layers over every pair's node set; returns node 0 (pair axes..., P).
+        Only node 0 is read after the last layer, so that layer computes node 0 alone."""
+        pair_shape, (n_nodes, dim) = nodes.shape[:-2], nodes.shape[-2:]
+        flat = nodes.reshape(-1, n_nodes, dim)
+        flat_mask = None if node_mask is None else node_mask.expand(*pair_shape, n_nodes).reshape(-1, n_nodes)
+        for index, layer in enumerate(layers):
+            flat = layer(flat, flat_mask, first_only=index == len(layers) - 1)
+        return flat[:, 0].reshape(*pair_shape, dim)

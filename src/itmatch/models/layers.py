@@ -14,8 +14,13 @@ from torch import Tensor, nn
 def l2norm(x: Tensor, dim: int = -1, eps: float = 1e-8) -> Tensor:
     # eps is added to the norm (not clamped) as in the official SCAN/SGRAF/CMCAN code, so that
     # all-zero rows (padding) stay zero. vector_norm, unlike pow-sum-sqrt, has a zero gradient
-    # at a zero vector instead of 0/0 = NaN: batched padding makes such vectors common.
-    return x / (torch.linalg.vector_norm(x, dim=dim, keepdim=True) + eps)
+    # at a zero vector instead of 0/0 = NaN: batched padding makes such vectors common. The norm
+    # is accumulated in float32; in bf16/fp16 it is floored at the type's smallest normal number,
+    # under which eps would round to 0.
+    norm = torch.linalg.vector_norm(x, dim=dim, keepdim=True, dtype=torch.float32) + eps
+    if x.dtype in (torch.float16, torch.bfloat16):
+        norm = norm.clamp(min=torch.finfo(x.dtype).tiny).to(x.dtype)
+    return x / norm
 
 
 def xavier_init(module: nn.Module) -> None:
@@ -142,7 +147,7 @@ class AttentionPool(nn.Module):
 
 class GraphReasoning(nn.Module):
     """One layer of self-attention reasoning over similarity nodes (SGRAF's SGR, CMCAN):
-    S' = ReLU(W_r softmax(W_q S (W_k S)^T) S)."""
+    S' = ReLU(W_r softmax((W_q S + b_q)(W_k S + b_k)^T) S + b_r)."""
 
     def __init__(self, dim: int):
         super().__init__()
@@ -150,8 +155,21 @@ class GraphReasoning(nn.Module):
         self.key = nn.Linear(dim, dim)
         self.update = nn.Linear(dim, dim)
 
-    def forward(self, nodes: Tensor, node_mask: Tensor | None = None) -> Tensor:
-        edges = self.query(nodes) @ self.key(nodes).transpose(-1, -2)
+    def forward(self, nodes: Tensor, node_mask: Tensor | None = None, first_only: bool = False) -> Tensor:
+        """nodes (batch, K, P) -> (batch, K, P); with `first_only`, node 0 alone (batch, 1, P)."""
+        sources = nodes[:, :1] if first_only else nodes
+        edges = self.edge_logits(sources, nodes)
         if node_mask is not None:
             edges = edges.masked_fill(~node_mask[..., None, :], float("-inf"))
         return torch.relu(self.update(torch.softmax(edges, dim=-1) @ nodes))
+
+    def edge_logits(self, sources: Tensor, nodes: Tensor) -> Tensor:
+        if torch.is_grad_enabled():
+            # Training: the plain form, so that every parameter (the key bias too) is in the graph,
+            # as DistributedDataParallel requires.
+            return self.query(sources) @ self.key(nodes).transpose(-1, -2)
+        # Scoring: (S W_q^T W_k + b_q W_k) S^T. The terms left out of the full product are constant
+        # along each row and cancel in the softmax, so the key projection is never computed: one
+        # P x P product per node instead of two (exact up to rounding).
+        mixed = sources @ (self.query.weight.T @ self.key.weight) + self.query.bias @ self.key.weight
+        return mixed @ nodes.transpose(-1, -2)

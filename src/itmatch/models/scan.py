@@ -7,7 +7,7 @@ a softmax over the keys with inverse temperature lambda_softmax, and give each q
 vector (a weighted sum of the keys, not normalised). The pair's score pools the cosines between
 every query and its attended vector: the mean (AVE) or LogSumExp with lambda_lse (LSE).
 
-`score_pairs` scores a tile of images x captions at once. The cosine needs q . a and |a| for the
+`pair_scores` scores a tile of images x captions, or a list of pairs, at once. The cosine needs q . a and |a| for the
 attended vector a = sum_k w_k c_k; both come without building a: q . a = sum_k w_k (q . c_k) reuses
 the attention logits' cosines, and |a|^2 = w^T G w with G the Gram matrix of the keys (regions of
 one image, or words of one caption). This is the official value, with a fraction of the memory.
@@ -67,7 +67,8 @@ class SCAN(CrossAttentionMatcher):
         regions = self.image_proj(self._check_features(features, self.config.img_dim, None))
         if self.config.image_norm:
             regions = l2norm(regions)
-        return Encoded({"regions": regions})
+        # The Gram matrix of the regions gives |attended| in text-to-image attention (see below).
+        return Encoded({"regions": regions, "gram": regions @ regions.transpose(1, 2)})
 
     def encode_texts(self, tokens: Tensor, lengths: Tensor) -> Encoded:
         tokens, lengths = self._check_tokens(tokens, lengths, self.config.vocab_size)
@@ -81,30 +82,31 @@ class SCAN(CrossAttentionMatcher):
         floats = 8 * n_regions * n_words + 6 * max(n_regions, n_words)
         return 4 * floats
 
-    def score_pairs(self, images: Encoded, texts: Encoded) -> Tensor:
+    def pair_scores(self, images: dict[str, Tensor], texts: dict[str, Tensor]) -> Tensor:
         regions, words, mask = images["regions"], texts["words"], texts["mask"]
         config = self.config
         if config.direction == "t2i":
-            # queries: words (one caption's), keys: regions (one image's); (images, texts, L, R)
-            dots = torch.einsum("jld,ird->ijlr", words, regions)
-            weights = attention_weights(dots, config.attention, query_mask=mask[None, :, :, None])
-            keys_gram = regions @ regions.transpose(1, 2)  # (images, R, R)
-            weighted_gram = torch.einsum("ijlr,irs->ijls", weights, keys_gram)
-            query_norms = torch.linalg.vector_norm(words, dim=-1)[None]  # (1, texts, L)
-            query_mask = mask[None]
+            # queries: the caption's words, keys: the image's regions; (pairs..., L, R)
+            dots = torch.einsum("...ld,...rd->...lr", words, regions)
+            weights = attention_weights(dots, config.attention, query_mask=mask[..., :, None])
+            weighted_gram = torch.einsum("...lr,...rs->...ls", weights, images["gram"])
+            query_norms = torch.linalg.vector_norm(words, dim=-1)
+            query_mask = mask
         else:
-            # queries: regions, keys: words; (images, texts, R, L)
-            dots = torch.einsum("ird,jld->ijrl", regions, words)
-            weights = attention_weights(dots, config.attention, key_mask=mask[None, :, None, :])
-            keys_gram = words @ words.transpose(1, 2)  # (texts, L, L)
-            weighted_gram = torch.einsum("ijrl,jlm->ijrm", weights, keys_gram)
-            query_norms = torch.linalg.vector_norm(regions, dim=-1)[:, None]  # (images, 1, R)
+            # queries: the image's regions, keys: the caption's words; (pairs..., R, L)
+            dots = torch.einsum("...rd,...ld->...rl", regions, words)
+            weights = attention_weights(dots, config.attention, key_mask=mask[..., None, :])
+            words_gram = torch.einsum("...ld,...md->...lm", words, words)
+            weighted_gram = torch.einsum("...rl,...lm->...rm", weights, words_gram)
+            query_norms = torch.linalg.vector_norm(regions, dim=-1)
             query_mask = None
         query_dot_attended = (weights * dots).sum(-1)
         attended_sq = (weighted_gram * weights).sum(-1)
         # |a| from w^T G w (>= 0 up to rounding); the floor keeps the sqrt's gradient finite.
         attended_norms = attended_sq.clamp(min=torch.finfo(attended_sq.dtype).tiny).sqrt()
-        cosines = query_dot_attended / (query_norms * attended_norms).clamp(min=config.cosine_eps)
+        # (in float16, 1e-8 rounds to 0: the floor is at least the type's smallest normal number)
+        eps = max(config.cosine_eps, torch.finfo(attended_norms.dtype).tiny)
+        cosines = query_dot_attended / (query_norms * attended_norms).clamp(min=eps)
         return self._pool(cosines, query_mask)
 
     def _pool(self, cosines: Tensor, mask: Tensor | None) -> Tensor:

@@ -9,9 +9,9 @@ the result. Settings follow the official code (github.com/Paranioar/SGRAF, model
 each of its hard-coded constants is a config field.
 
 Per-image work (region embeddings, the pooled image vector) happens once in `encode_images`,
-per-caption work (word vectors, the pooled caption vector) once in `encode_texts`; `score_pairs`
-scores a whole tile of images x captions with batched tensor ops where the official code loops
-over captions.
+per-caption work (word vectors, the pooled caption vector) once in `encode_texts`; `pair_scores`
+scores a whole tile of images x captions, or a list of pairs, with batched tensor ops where the
+official code loops over captions.
 
 Batching and the official per-caption loop: in eval mode the scores are the official ones (to
 float rounding). In train mode the only layer whose statistics depend on the batch shape is SAF's
@@ -133,39 +133,43 @@ class SGRAF(CrossAttentionMatcher):
         return 4 * floats
 
     def score(
-        self, images: Encoded, texts: Encoded, memory_budget: int | None = None, progress: bool = False
+        self,
+        images: Encoded,
+        texts: Encoded,
+        memory_budget: int | None = None,
+        progress: bool = False,
+        precision: str = "fp32",
     ) -> Tensor:
         if not (self.training and getattr(self, "filter_norm", None) is not None):
-            return super().score(images, texts, memory_budget, progress)
+            return super().score(images, texts, memory_budget, progress, precision)
         # Training SAF: every tile holds all of the batch's images, so that each caption's
         # BatchNorm statistics span the whole batch as in the official per-caption loop.
-        budget = memory_budget or self.memory_budget()
-        pairs = max(1, budget // self.bytes_per_pair(images["regions"].shape[1], texts["mask"].shape[1]))
-        step = max(1, pairs // max(1, len(images)))
+        step = max(1, self._pairs_per_tile(images, texts, memory_budget, precision) // max(1, len(images)))
         columns = [self.score_pairs(images, texts.select(slice(j, j + step))) for j in range(0, len(texts), step)]
         return torch.cat(columns, dim=1)
 
-    def score_pairs(self, images: Encoded, texts: Encoded) -> Tensor:
+    def pair_scores(self, images: dict[str, Tensor], texts: dict[str, Tensor]) -> Tensor:
         return self.pair_stages(images, texts)["scores"]
 
-    def pair_stages(self, images: Encoded, texts: Encoded) -> dict[str, Tensor]:
-        """Every intermediate of the pair scoring, image-major (n_images, n_texts, ...)."""
+    def pair_stages(self, images: dict[str, Tensor], texts: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Every intermediate of the pair scoring, the pair axes first (see `pair_scores`): a grid
+        tile gives image-major (n_images, n_texts, ...) tensors."""
         regions, words, mask = images["regions"], texts["words"], texts["mask"]
         attention = self.config.attention
 
         # Each word attends to the regions (SCAN_attention with the caption's words as queries).
         word_weights = attention_weights(
-            torch.einsum("jld,ird->ijlr", words, regions), attention, query_mask=mask[None, :, :, None]
+            torch.einsum("...ld,...rd->...lr", words, regions), attention, query_mask=mask[..., :, None]
         )
-        attended = torch.einsum("ijlr,ird->ijld", word_weights, regions)
+        attended = torch.einsum("...lr,...rd->...ld", word_weights, regions)
         if attention.normalize_output:
             attended = l2norm(attended)
-        word_align = self.word_align(attended, words[None]) * mask[None, :, :, None]
-        global_align = self.global_align(images["global"][:, None], texts["global"][None])
+        word_align = self.word_align(attended, words) * mask[..., None]
+        global_align = self.global_align(images["global"], texts["global"])
 
         # Nodes: [global; words], padded words masked out of every later step.
-        nodes = torch.cat([global_align[:, :, None], word_align], dim=2)
-        node_mask = torch.cat([mask.new_ones(len(mask), 1), mask], dim=1)
+        nodes = torch.cat([global_align[..., None, :], word_align], dim=-2)
+        node_mask = torch.cat([mask[..., :1], mask], dim=-1).expand(nodes.shape[:-1])
         stages = {"word_weights": word_weights, "word_align": word_align, "global_align": global_align}
         if self.config.module == "SGR":
             vector = self._reason(nodes, node_mask)
@@ -176,34 +180,26 @@ class SGRAF(CrossAttentionMatcher):
         return {**stages, "vector": vector, "logits": logits, "scores": torch.sigmoid(logits)}
 
     def _reason(self, nodes: Tensor, node_mask: Tensor) -> Tensor:
-        """SGR: the graph reasoning steps over each pair's nodes; returns node 0 (n_i, n_t, P)."""
-        n_images, n_texts = nodes.shape[:2]
-        flat = nodes.flatten(0, 1)
-        flat_mask = node_mask[None].expand(n_images, -1, -1).flatten(0, 1)
-        layers = list(self.reasoning)
-        for layer in layers[:-1]:
-            flat = layer(flat, flat_mask)
-        if layers:
-            # Only node 0 is read after the last step, so only its row of that step is computed,
-            # and without key vectors: q . (W_k s_n + b_k) = (W_k^T q) . s_n + q . b_k.
-            last = layers[-1]
-            query = last.query(flat[:, :1])
-            edges = (query @ last.key.weight) @ flat.transpose(-1, -2) + query @ last.key.bias[:, None]
-            edges = edges.masked_fill(~flat_mask[:, None, :], float("-inf"))
-            flat = torch.relu(last.update(torch.softmax(edges, dim=-1) @ flat))
-        return flat[:, 0].view(n_images, n_texts, -1)
+        """SGR: the graph reasoning steps over each pair's nodes; returns node 0 (pair axes..., P).
+        Only node 0 is read after the last step, so that step computes node 0 alone."""
+        pair_shape, (n_nodes, dim) = nodes.shape[:-2], nodes.shape[-2:]
+        flat, flat_mask = nodes.reshape(-1, n_nodes, dim), node_mask.reshape(-1, n_nodes)
+        for index, layer in enumerate(self.reasoning):
+            flat = layer(flat, flat_mask, first_only=index == len(self.reasoning) - 1)
+        return flat[:, 0].reshape(*pair_shape, dim)
 
     def _filter(self, nodes: Tensor, node_mask: Tensor) -> tuple[Tensor, Tensor]:
         """SAF: l2norm(sum_n g_n s_n) with g = l1norm(sigmoid(BN(w . s_n + b))) over real nodes."""
         logits = self.filter_score(nodes).squeeze(-1)
         if self.filter_norm is not None:
             logits = self._filter_norm(logits, node_mask)
-        gates = torch.sigmoid(logits) * node_mask[None]
+        gates = torch.sigmoid(logits) * node_mask
         gates = gates / (gates.abs().sum(-1, keepdim=True) + 1e-8)
-        return l2norm(torch.einsum("ijn,ijnp->ijp", gates, nodes)), gates
+        return l2norm(torch.einsum("...n,...np->...p", gates, nodes)), gates
 
     def _filter_norm(self, logits: Tensor, node_mask: Tensor) -> Tensor:
-        """SAF's BatchNorm1d(1) as the official per-caption loop applies it (n_i, n_t, nodes).
+        """SAF's BatchNorm1d(1) as the official per-caption loop applies it. Eval: any pair axes;
+        train: a grid tile (n_i, n_t, nodes), as `score` makes in training.
 
         Eval: the running statistics. Train: each caption's own statistics over the tile's images
         and its real nodes, and one running-statistics update per caption, in caption order.
@@ -212,7 +208,7 @@ class SGRAF(CrossAttentionMatcher):
         if not (norm.training or norm.running_mean is None):
             scale = norm.weight / torch.sqrt(norm.running_var + norm.eps)
             return (logits - norm.running_mean) * scale + norm.bias
-        weight = node_mask[None].expand_as(logits).to(logits.dtype)
+        weight = node_mask.to(logits.dtype)
         count = weight.sum((0, 2))
         mean = (logits * weight).sum((0, 2)) / count
         centered = logits - mean[None, :, None]
