@@ -116,3 +116,11 @@ def test_ensemble_with_inverted_softmax(trained, data, tmp_path, capsys):
     result = json.loads((tmp_path / "e.json").read_text())
     assert result["checkpoints"] == [str(best), str(best)] and result["inverted_softmax"] == 0.05
     assert "vsepp + vsepp (inverted softmax 0.05)" in capsys.readouterr().out
+
+
+def test_two_stage_evaluation_reports_the_pairs_it_scored(trained, data, tmp_path):
+    options = f"--rerank-k 5 --json {tmp_path / 'r.json'} --quiet --precision bf16"
+    assert itmatch(f"evaluate {trained / 'best.pt'} --data {data} {options}") == 0
+    result = json.loads((tmp_path / "r.json").read_text())
+    assert result["rerank_k"] == 5 and result["precision"] == "bf16"
+    assert 0 < result["pairs_scored"] <= 5 * (50 + 250) < 50 * 250

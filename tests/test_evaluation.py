@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -27,10 +29,15 @@ def split(tmp_path_factory):
 def untrained(preset: str, split: PrecompSplit, seed: int):
     torch.manual_seed(seed)
     vocab = build_vocab_for_dir(split.data_dir, threshold=1)
-    sizes = {**SIZES, "vocab_size": len(vocab), "img_dim": split.feature_dim}
-    if preset.startswith("cmcan"):
-        sizes.update(sim_dim=8, n_regions=split.n_regions)
-    model = build_model(build_run_config(preset, {"model": sizes}))
+    sizes = {
+        **SIZES,
+        "vocab_size": len(vocab),
+        "img_dim": split.feature_dim,
+        "sim_dim": 8,
+        "n_regions": split.n_regions,
+    }
+    fields = {f.name for f in dataclasses.fields(build_run_config(preset).model)}
+    model = build_model(build_run_config(preset, {"model": {k: v for k, v in sizes.items() if k in fields}}))
     model.vocab = vocab
     return model.eval()
 
@@ -84,3 +91,56 @@ def test_folds_and_inverted_softmax_together(split):
     model = untrained("vsepp", split, 3)
     result = evaluate_split([model, model], split, protocol="coco-5fold", progress=False, inverted_softmax=0.1)
     assert result["n_folds"] == 5 and result["inverted_softmax"] == 0.1 and len(result["folds"]) == 5
+
+
+def test_reranking_everything_equals_exhaustive_scoring(split):
+    model = untrained("cmcan-official", split, 5)
+    exhaustive = evaluate_split(model, split, progress=False)
+    reranked = evaluate_split(model, split, progress=False, rerank_k=split.n_captions)
+    assert reranked["pairs_scored"] == exhaustive["pairs_scored"] == split.n_images * split.n_captions
+    assert reranked["i2t"] == exhaustive["i2t"] and reranked["t2i"] == exhaustive["t2i"]
+
+
+def test_reranked_candidates_rank_first_in_full_model_order(split):
+    from itmatch.retrieval import embeddings, nearest, two_stage_scores
+
+    model = untrained("cmcan-official", split, 6)
+    images, texts = encode_split(model, split, progress=False)
+    first_images, first_texts = embeddings(model, images), embeddings(model, texts)
+    i2t, t2i, pairs = two_stage_scores(model, images, texts, first_images, first_texts, k=3)
+    assert pairs <= 3 * (split.n_images + split.n_captions)
+    full = full_scores(model, split)
+    candidates = nearest(first_images, first_texts, 3)  # images for each caption
+    for caption in range(split.n_captions):
+        order = t2i[:, caption].argsort(descending=True)
+        chosen = candidates[caption]
+        assert set(order[:3].tolist()) == set(chosen.tolist())
+        expected = chosen[full[chosen, caption].argsort(descending=True)]
+        assert order[:3].tolist() == expected.tolist()
+        rest = order[3:]
+        first = (first_images @ first_texts.T)[rest, caption]
+        assert (first[:-1] >= first[1:]).all()  # the others keep the first-stage order
+
+
+def test_companion_first_stage_and_models_without_embeddings(split):
+    from itmatch.errors import InputError
+
+    scan, companion = untrained("scan-t2i-ave", split, 7), untrained("vsepp", split, 8)
+    with pytest.raises(InputError, match="no embedding for a first stage"):
+        evaluate_split(scan, split, progress=False, rerank_k=5)
+    result = evaluate_split(scan, split, progress=False, rerank_k=5, first_stage=companion)
+    assert 0 < result["pairs_scored"] <= 5 * (split.n_images + split.n_captions)
+    with pytest.raises(InputError, match="only used with rerank_k"):
+        evaluate_split(scan, split, progress=False, first_stage=companion)
+
+
+def test_search_images_with_reranking_everything_matches_exhaustive(split):
+    from itmatch.retrieval import search_images
+
+    model = untrained("sgraf-sgr", split, 9)
+    images, _ = encode_split(model, split, progress=False)
+    queries = split.captions[:4]
+    exact_scores, exact_top = search_images(model, images, queries, k=5)
+    scores, top = search_images(model, images, queries, k=5, rerank_k=split.n_images)
+    assert torch.equal(top, exact_top)
+    torch.testing.assert_close(scores, exact_scores, atol=1e-5, rtol=0)

@@ -47,6 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument(
         "--inverted-softmax", type=float, metavar="TEMP", help="rank by scores / TEMP softmax-normalised over queries"
     )
+    evaluate.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"], help="of pair scoring")
+    evaluate.add_argument("--rerank-k", type=int, metavar="K", help="two stages: score each query's top K only")
+    evaluate.add_argument("--first-stage", type=Path, metavar="CKPT", help="embedding model for --rerank-k")
     evaluate.add_argument("--batch-size", type=int, default=128)
     evaluate.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
     evaluate.add_argument("--memory-budget", type=memory_size, help="working memory of pair scoring, e.g. 2G")
@@ -103,6 +106,7 @@ def run_evaluate(args) -> None:
     from itmatch.evaluation.runner import evaluate_split
 
     models = [load_checkpoint(path) for path in args.checkpoints]
+    first_stage = load_checkpoint(args.first_stage) if args.first_stage else None
     split = PrecompSplit(args.data, args.split)
     result = evaluate_split(
         models,
@@ -113,12 +117,17 @@ def run_evaluate(args) -> None:
         args.workers,
         not args.quiet,
         args.inverted_softmax,
+        precision=args.precision,
+        rerank_k=args.rerank_k,
+        first_stage=first_stage,
     )
     result["checkpoints"] = [str(path) for path in args.checkpoints]
     name = " + ".join(model.run_config.preset for model in models)
     if args.inverted_softmax:
         name += f" (inverted softmax {args.inverted_softmax:g})"
-    sizes = f"{result['n_images']} images, {result['n_captions']} captions"
+    if args.rerank_k:
+        name += f" (top {args.rerank_k} of {first_stage.run_config.preset if first_stage else 'its embeddings'})"
+    sizes = f"{result['n_images']} images, {result['n_captions']} captions, {result['pairs_scored']:,} pairs scored"
     print(format_results({name: result}, title=f"{args.data} {args.split} ({args.protocol}: {sizes})"))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

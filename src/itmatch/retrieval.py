@@ -1,7 +1,15 @@
-"""Retrieval with any matcher: the best images for sentences, the best sentences for images."""
+"""Retrieval with any matcher: exhaustive scoring, or two stages.
+
+Two-stage retrieval (the standard remedy for large galleries): a first stage ranks by embedding
+dot products, searched with a faiss index, and the full model rescores only each query's top K.
+The embeddings are the model's own (`Matcher.embedding_key`: CMCAN's and SGRAF's global vectors)
+or those of a companion embedding model such as VSE-infinity trained on the same data.
+"""
 
 from __future__ import annotations
 
+import faiss
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -9,14 +17,86 @@ from itmatch.errors import InputError
 from itmatch.models.base import Encoded, Matcher
 
 
+def embeddings(model: Matcher, encoded: Encoded) -> Tensor:
+    """The first-stage vectors of encoded items (float32, on the CPU)."""
+    if model.embedding_key is None:
+        raise InputError(
+            f"{model.architecture} has no embedding for a first stage: give a companion embedding model "
+            "(e.g. a vse-infty-bigru or vsepp checkpoint trained on the same data)"
+        )
+    return encoded[model.embedding_key].detach().float().cpu()
+
+
+def nearest(gallery: Tensor, queries: Tensor, k: int) -> Tensor:
+    """Indices (n_queries, k) of each query's k best gallery vectors by dot product (faiss)."""
+    index = faiss.IndexFlatIP(gallery.shape[1])
+    index.add(np.ascontiguousarray(gallery.numpy()))
+    _, ids = index.search(np.ascontiguousarray(queries.numpy()), min(k, len(gallery)))
+    return torch.from_numpy(ids)
+
+
+def two_stage_scores(
+    model: Matcher,
+    images: Encoded,
+    texts: Encoded,
+    first_images: Tensor,
+    first_texts: Tensor,
+    k: int,
+    memory_budget: int | None = None,
+    precision: str = "fp32",
+) -> tuple[Tensor, Tensor, int]:
+    """Score matrices for ranking both ways after reranking the top k of the first stage.
+
+    Returns (scores ranking captions for each image, scores ranking images for each caption,
+    number of pairs the full model scored). Every reranked candidate ranks above every other item,
+    which keeps its first-stage order, so the usual metrics (R@K, medr, meanr) apply unchanged.
+    """
+    n_images, n_texts = len(first_images), len(first_texts)
+    first = first_images @ first_texts.T
+    text_candidates = nearest(first_images, first_texts, k)  # images for each caption
+    image_candidates = nearest(first_texts, first_images, k)  # captions for each image
+    t2i = text_candidates.flatten() * n_texts + torch.arange(n_texts).repeat_interleave(text_candidates.shape[1])
+    i2t = torch.arange(n_images).repeat_interleave(image_candidates.shape[1]) * n_texts + image_candidates.flatten()
+    pairs, inverse = torch.unique(torch.cat([t2i, i2t]), return_inverse=True)
+    device = model.device
+    full = model.score_pair_list(
+        images, texts, (pairs // n_texts).to(device), (pairs % n_texts).to(device), memory_budget, precision
+    ).cpu()
+    lift = first.max() - full.min() + 1  # every reranked score above every first-stage score
+    ranked = []
+    for chosen in (inverse[len(t2i) :], inverse[: len(t2i)]):  # i2t candidates, then t2i candidates
+        scores = first.clone()
+        scores.view(-1)[pairs[chosen]] = full[chosen] + lift
+        ranked.append(scores)
+    return ranked[0], ranked[1], len(pairs)
+
+
 @torch.no_grad()
-def search_images(model: Matcher, images: Encoded, queries: list[str], k: int = 10) -> tuple[Tensor, Tensor]:
-    """Top-k images for each text query: (scores, image indices), both (n_queries, k)."""
-    if model.vocab is None:
-        raise InputError("the model has no vocabulary to read text queries with")
-    tokens, lengths = model.vocab.encode_batch(queries)
-    scores = model.score(images, model.encode_texts(tokens, lengths)).T
-    return scores.topk(min(k, scores.shape[1]), dim=1)
+def search_images(
+    model: Matcher,
+    images: Encoded,
+    queries: list[str],
+    k: int = 10,
+    rerank_k: int | None = None,
+    first_stage: tuple[Matcher, Encoded] | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Top-k images for each text query: (scores, image indices), both (n_queries, k).
+
+    With `rerank_k`, only each query's `rerank_k` best images by embedding (the model's own, or
+    `first_stage` = (companion model, its encoding of the same images)) are scored by the model.
+    """
+    texts = _encode_queries(model, queries)
+    if rerank_k is None:
+        scores = model.score(images, texts).T
+        return scores.topk(min(k, scores.shape[1]), dim=1)
+    stage_model, stage_images = first_stage or (model, images)
+    stage_texts = texts if first_stage is None else _encode_queries(stage_model, queries)
+    candidates = nearest(embeddings(stage_model, stage_images), embeddings(stage_model, stage_texts), rerank_k)
+    query_index = torch.arange(len(queries)).repeat_interleave(candidates.shape[1])
+    device = model.device
+    scores = model.score_pair_list(images, texts, candidates.flatten().to(device), query_index.to(device))
+    best, order = scores.view(len(queries), -1).cpu().topk(min(k, candidates.shape[1]), dim=1)
+    return best, candidates.gather(1, order)
 
 
 @torch.no_grad()
@@ -24,3 +104,10 @@ def search_texts(model: Matcher, images: Encoded, texts: Encoded, k: int = 10) -
     """Top-k texts for each image: (scores, text indices), both (n_images, k)."""
     scores = model.score(images, texts)
     return scores.topk(min(k, scores.shape[1]), dim=1)
+
+
+def _encode_queries(model: Matcher, queries: list[str]) -> Encoded:
+    if model.vocab is None:
+        raise InputError("the model has no vocabulary to read text queries with")
+    tokens, lengths = model.vocab.encode_batch(queries)
+    return model.encode_texts(tokens, lengths)

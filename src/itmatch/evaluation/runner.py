@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import torch
 from tqdm.auto import tqdm
 
@@ -10,6 +12,7 @@ from itmatch.data.precomp import PrecompSplit
 from itmatch.errors import InputError
 from itmatch.evaluation.metrics import aggregate_folds, retrieval_metrics
 from itmatch.models.base import Encoded, Matcher
+from itmatch.retrieval import embeddings, two_stage_scores
 
 # "1k": the whole split at once (Flickr30K's 1K test, Flickr8k, synthetic sets);
 # "coco-5fold": COCO 1K, five consecutive folds of the 5K split averaged; "coco-5k": all 5,000.
@@ -55,12 +58,18 @@ def evaluate_split(
     workers: int = 0,
     progress: bool = True,
     inverted_softmax: float | None = None,
+    *,
+    precision: str = "fp32",
+    rerank_k: int | None = None,
+    first_stage: Matcher | None = None,
 ) -> dict:
     """Bidirectional retrieval metrics on `split` (models are put in eval mode).
 
     Several models form an ensemble: their score matrices are averaged, as the field's "ensemble"
     rows do. `inverted_softmax` (a temperature) normalises each gallery item's scores over the
-    queries before ranking, which counters hubs (items close to every query).
+    queries before ranking, which counters hubs (items close to every query). `rerank_k` scores
+    only each query's top k by embedding (the model's own, or those of the `first_stage` model)
+    with the full model. The result records the pairs scored and the seconds spent scoring.
     """
     if protocol not in PROTOCOLS:
         raise InputError(f"unknown protocol {protocol!r}; choose one of {', '.join(PROTOCOLS)}")
@@ -68,24 +77,48 @@ def evaluate_split(
     if split.n_images % n_folds:
         raise InputError(f"{protocol} needs a number of images divisible by 5; the split has {split.n_images}")
     models = models if isinstance(models, list) else [models]
+    if rerank_k is not None and (len(models) > 1 or inverted_softmax is not None):
+        raise InputError("reranking (rerank_k) takes one model, without inverted softmax")
+    if first_stage is not None and rerank_k is None:
+        raise InputError("a first-stage model is only used with rerank_k")
     encodings = []
-    for model in models:
+    for model in models + ([first_stage] if first_stage is not None else []):
         model.eval()
         encodings.append(encode_split(model, split, batch_size, workers, progress))
     per_image = split.captions_per_image
     fold_images = split.n_images // n_folds
-    folds = []
+    folds, pairs_scored, started = [], 0, time.perf_counter()
     for fold in range(n_folds):
         images = slice(fold * fold_images, (fold + 1) * fold_images)
         texts = slice(images.start * per_image, images.stop * per_image)
-        sims = sum(
-            model.score(image_codes.select(images), text_codes.select(texts), memory_budget, progress).float().cpu()
-            for model, (image_codes, text_codes) in zip(models, encodings, strict=True)
-        ) / len(models)
-        i2t_sims, t2i_sims = _ranking_scores(sims, inverted_softmax)
+        fold_codes = [(image_codes.select(images), text_codes.select(texts)) for image_codes, text_codes in encodings]
+        if rerank_k is None:
+            sims = sum(
+                model.score(*codes, memory_budget, progress, precision).cpu()
+                for model, codes in zip(models, fold_codes, strict=False)
+            ) / len(models)
+            i2t_sims, t2i_sims = _ranking_scores(sims, inverted_softmax)
+            pairs_scored += sims.numel() * len(models)
+        else:
+            stage_model, stage_codes = (
+                (first_stage, fold_codes[1]) if first_stage is not None else (models[0], fold_codes[0])
+            )
+            first_images, first_texts = (embeddings(stage_model, codes) for codes in stage_codes)
+            i2t_sims, t2i_sims, pairs = two_stage_scores(
+                models[0], *fold_codes[0], first_images, first_texts, rerank_k, memory_budget, precision
+            )
+            i2t_sims, t2i_sims, pairs_scored = i2t_sims.numpy(), t2i_sims.numpy(), pairs_scored + pairs
         folds.append(retrieval_metrics(i2t_sims, per_image, t2i_sims=t2i_sims))
     result = aggregate_folds(folds) if n_folds > 1 else folds[0]
-    return {**result, "protocol": protocol, "inverted_softmax": inverted_softmax}
+    return {
+        **result,
+        "protocol": protocol,
+        "inverted_softmax": inverted_softmax,
+        "precision": precision,
+        "rerank_k": rerank_k,
+        "pairs_scored": pairs_scored,
+        "scoring_seconds": round(time.perf_counter() - started, 3),
+    }
 
 
 def _ranking_scores(sims: torch.Tensor, temperature: float | None) -> tuple:

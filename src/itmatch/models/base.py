@@ -87,6 +87,9 @@ class Matcher(nn.Module):
     config_class: ClassVar[type]
     # Models that read the region graph (CMCAN) need adjacency, or boxes and image sizes.
     needs_adjacency: ClassVar[bool] = False
+    # The encoding key holding one unit vector per item whose dot products rank pairs: what a
+    # first retrieval stage searches (None: the model has no such vector).
+    embedding_key: ClassVar[str | None] = None
 
     def __init__(self, config) -> None:
         super().__init__()
@@ -126,6 +129,30 @@ class Matcher(nn.Module):
     def score_aligned(self, images: Encoded, texts: Encoded) -> Tensor:
         """Scores of image p with text p for every p: (n_pairs,)."""
         raise NotImplementedError
+
+    def score_pair_list(
+        self,
+        images: Encoded,
+        texts: Encoded,
+        image_index: Tensor,
+        text_index: Tensor,
+        memory_budget: int | None = None,
+        precision: str = "fp32",
+    ) -> Tensor:
+        """Scores of the pairs (images[image_index[p]], texts[text_index[p]]): (n_pairs,)."""
+        chunk = self._pairs_per_tile(images, texts, memory_budget, precision)
+        images, texts = images.to(dtype=PRECISIONS.get(precision)), texts.to(dtype=PRECISIONS.get(precision))
+        parts = []
+        with autocast(self.device, precision):
+            for start in range(0, len(image_index), chunk):
+                picked = slice(start, start + chunk)
+                parts.append(
+                    self.score_aligned(images.select(image_index[picked]), texts.select(text_index[picked])).float()
+                )
+        return torch.cat(parts) if parts else torch.zeros(0, device=self.device)
+
+    def _pairs_per_tile(self, images: Encoded, texts: Encoded, memory_budget: int | None, precision: str) -> int:
+        return 1 << 16
 
     def similarity(
         self,
@@ -207,6 +234,8 @@ def _describe(value) -> str:
 class EmbeddingMatcher(Matcher):
     """Scores by the dot product of one image vector and one text vector (key "vector")."""
 
+    embedding_key = "vector"
+
     def score(
         self,
         images: Encoded,
@@ -276,27 +305,6 @@ class CrossAttentionMatcher(Matcher):
                 ]
                 rows.append(torch.cat(row, dim=1))
         return torch.cat(rows, dim=0)
-
-    def score_pair_list(
-        self,
-        images: Encoded,
-        texts: Encoded,
-        image_index: Tensor,
-        text_index: Tensor,
-        memory_budget: int | None = None,
-        precision: str = "fp32",
-    ) -> Tensor:
-        """Scores of the pairs (images[image_index[p]], texts[text_index[p]]): (n_pairs,)."""
-        chunk = self._pairs_per_tile(images, texts, memory_budget, precision)
-        images, texts = images.to(dtype=PRECISIONS.get(precision)), texts.to(dtype=PRECISIONS.get(precision))
-        parts = []
-        with autocast(self.device, precision):
-            for start in range(0, len(image_index), chunk):
-                picked = slice(start, start + chunk)
-                parts.append(
-                    self.score_aligned(images.select(image_index[picked]), texts.select(text_index[picked])).float()
-                )
-        return torch.cat(parts) if parts else torch.zeros(0, device=self.device)
 
     def _pairs_per_tile(self, images: Encoded, texts: Encoded, memory_budget: int | None, precision: str) -> int:
         budget = memory_budget or self.memory_budget()

@@ -110,6 +110,8 @@ class CMCAN(CrossAttentionMatcher):
     architecture = "cmcan"
     config_class = CMCANConfig
     needs_adjacency = True
+    # The attention-pooled global vectors (unit length) serve as a first retrieval stage.
+    embedding_key = "global"
 
     def __init__(self, config: CMCANConfig):
         super().__init__(config)

@@ -84,6 +84,8 @@ class SGRAFConfig:
 class SGRAF(CrossAttentionMatcher):
     architecture = "sgraf"
     config_class = SGRAFConfig
+    # The attention-pooled global vectors (unit length) serve as a first retrieval stage.
+    embedding_key = "global"
 
     def __init__(self, config: SGRAFConfig):
         super().__init__(config)
