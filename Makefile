@@ -19,5 +19,5 @@ demo: install
 	$(BIN)/python scripts/demo.py
 
 test: install
-	$(BIN)/ruff check src tests scripts
+	$(BIN)/ruff check src tests scripts benchmarks
 	$(BIN)/python -m pytest

@@ -158,10 +158,7 @@ def test_scoring_a_list_of_pairs_gives_the_grid_entries(model):
     with torch.no_grad():
         images, texts = model.encode_images(features, adjacency), model.encode_texts(tokens, lengths)
         grid = model.score(images, texts)
-        if hasattr(model, "score_pair_list"):
-            listed = model.score_pair_list(images, texts, image_index, text_index, memory_budget=1)  # 1 pair a chunk
-        else:
-            listed = model.score_aligned(images.select(image_index), texts.select(text_index))
+        listed = model.score_pair_list(images, texts, image_index, text_index, memory_budget=1)  # 1 pair a chunk
     torch.testing.assert_close(listed, grid[image_index, text_index], atol=1e-5, rtol=0)
 
 

@@ -7,8 +7,9 @@ product of two vectors; cross-attention models run a network on every image-capt
 
 from __future__ import annotations
 
-import contextlib
+import copy
 import math
+import weakref
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -119,15 +120,14 @@ class Matcher(nn.Module):
         memory_budget: int | None = None,
         progress: bool = False,
         precision: str = "fp32",
+        compile: bool = False,
     ) -> Tensor:
         """Scores of every image with every text: (n_images, n_texts), float32.
 
-        `precision` "bf16" or "fp16" runs the matrix products in that type (autocast).
+        `precision` "bf16" or "fp16" scores in that type; `compile` runs the pair scorer through
+        torch.compile (fused kernels; compiling costs tens of seconds once, so it pays on large
+        evaluations).
         """
-        raise NotImplementedError
-
-    def score_aligned(self, images: Encoded, texts: Encoded) -> Tensor:
-        """Scores of image p with text p for every p: (n_pairs,)."""
         raise NotImplementedError
 
     def score_pair_list(
@@ -138,21 +138,10 @@ class Matcher(nn.Module):
         text_index: Tensor,
         memory_budget: int | None = None,
         precision: str = "fp32",
+        compile: bool = False,
     ) -> Tensor:
         """Scores of the pairs (images[image_index[p]], texts[text_index[p]]): (n_pairs,)."""
-        chunk = self._pairs_per_tile(images, texts, memory_budget, precision)
-        images, texts = images.to(dtype=PRECISIONS.get(precision)), texts.to(dtype=PRECISIONS.get(precision))
-        parts = []
-        with autocast(self.device, precision):
-            for start in range(0, len(image_index), chunk):
-                picked = slice(start, start + chunk)
-                parts.append(
-                    self.score_aligned(images.select(image_index[picked]), texts.select(text_index[picked])).float()
-                )
-        return torch.cat(parts) if parts else torch.zeros(0, device=self.device)
-
-    def _pairs_per_tile(self, images: Encoded, texts: Encoded, memory_budget: int | None, precision: str) -> int:
-        return 1 << 16
+        raise NotImplementedError
 
     def similarity(
         self,
@@ -243,12 +232,24 @@ class EmbeddingMatcher(Matcher):
         memory_budget: int | None = None,
         progress: bool = False,
         precision: str = "fp32",
+        compile: bool = False,
     ) -> Tensor:
-        with autocast(self.device, precision):
-            return (images["vector"] @ texts["vector"].T).float()
+        dtype = precision_dtype(precision)
+        return (images["vector"].to(dtype=dtype) @ texts["vector"].to(dtype=dtype).T).float()
 
-    def score_aligned(self, images: Encoded, texts: Encoded) -> Tensor:
-        return (images["vector"] * texts["vector"]).sum(-1)
+    def score_pair_list(
+        self,
+        images: Encoded,
+        texts: Encoded,
+        image_index: Tensor,
+        text_index: Tensor,
+        memory_budget: int | None = None,
+        precision: str = "fp32",
+        compile: bool = False,
+    ) -> Tensor:
+        dtype = precision_dtype(precision)
+        pairs = images["vector"][image_index].to(dtype=dtype) * texts["vector"][text_index].to(dtype=dtype)
+        return pairs.sum(-1).float()
 
 
 class CrossAttentionMatcher(Matcher):
@@ -276,12 +277,20 @@ class CrossAttentionMatcher(Matcher):
         return self.default_memory_budget.get(self.device.type, self.default_memory_budget["cpu"])
 
     def score_pairs(self, images: Encoded, texts: Encoded) -> Tensor:
-        """Every image of one tile with every text of it: (n_images, n_texts)."""
+        """Every image of one tile with every text of it: (n_images, n_texts), as training runs it."""
         return self.pair_scores(*grid_view(images, texts))
 
-    def score_aligned(self, images: Encoded, texts: Encoded) -> Tensor:
-        """Image p with text p for every p: (n_pairs,)."""
-        return self.pair_scores(images.tensors, texts.tensors)
+    def pair_scorer(self, precision: str = "fp32", compile: bool = False):
+        """`pair_scores` in `precision` (on a copy of the model in that type, cached and remade
+        when the weights change), optionally compiled."""
+        dtype = precision_dtype(precision)
+        weights = () if dtype is None else tuple((p.data_ptr(), p._version) for p in self.parameters())
+        cache = _SCORERS.setdefault(self, {})
+        if (precision, compile) not in cache or cache[precision, compile][0] != weights:
+            module = self if dtype is None else copy.deepcopy(self).to(dtype).eval()
+            function = torch.compile(module.pair_scores, dynamic=True) if compile else module.pair_scores
+            cache[precision, compile] = (weights, function)
+        return cache[precision, compile][1]
 
     def score(
         self,
@@ -290,21 +299,49 @@ class CrossAttentionMatcher(Matcher):
         memory_budget: int | None = None,
         progress: bool = False,
         precision: str = "fp32",
+        compile: bool = False,
     ) -> Tensor:
+        scorer = self.pair_scorer(precision, compile)
         pairs = self._pairs_per_tile(images, texts, memory_budget, precision)
         image_tile = max(1, min(len(images), math.isqrt(pairs)))
         text_tile = max(1, min(len(texts), pairs // image_tile))
-        images, texts = images.to(dtype=PRECISIONS.get(precision)), texts.to(dtype=PRECISIONS.get(precision))
+        # Texts sorted by length share tiles with texts of about their length: little padding.
+        order = texts["mask"].sum(1).argsort()
+        images, texts = (
+            images.to(dtype=precision_dtype(precision)),
+            texts.select(order).to(dtype=precision_dtype(precision)),
+        )
         rows = []
-        with autocast(self.device, precision):
-            for i in tqdm(range(0, len(images), image_tile), desc="score pairs", disable=not progress, leave=False):
-                image_part = images.select(slice(i, i + image_tile))
-                row = [
-                    self.score_pairs(image_part, texts.select(slice(j, j + text_tile))).float()
-                    for j in range(0, len(texts), text_tile)
-                ]
-                rows.append(torch.cat(row, dim=1))
-        return torch.cat(rows, dim=0)
+        for i in tqdm(range(0, len(images), image_tile), desc="score pairs", disable=not progress, leave=False):
+            image_part = images.select(slice(i, i + image_tile))
+            row = [
+                scorer(*grid_view(image_part, texts.select(slice(j, j + text_tile)))).float()
+                for j in range(0, len(texts), text_tile)
+            ]
+            rows.append(torch.cat(row, dim=1))
+        return torch.cat(rows, dim=0)[:, order.argsort()]
+
+    def score_pair_list(
+        self,
+        images: Encoded,
+        texts: Encoded,
+        image_index: Tensor,
+        text_index: Tensor,
+        memory_budget: int | None = None,
+        precision: str = "fp32",
+        compile: bool = False,
+    ) -> Tensor:
+        scorer = self.pair_scorer(precision, compile)
+        chunk = self._pairs_per_tile(images, texts, memory_budget, precision)
+        images, texts = images.to(dtype=precision_dtype(precision)), texts.to(dtype=precision_dtype(precision))
+        order = texts["mask"].sum(1)[text_index].argsort()  # chunks of pairs with texts of similar length
+        image_index, text_index = image_index[order], text_index[order]
+        parts = [
+            scorer(images.select(image_index[p : p + chunk]).tensors, texts.select(text_index[p : p + chunk]).tensors)
+            for p in range(0, len(image_index), chunk)
+        ]
+        scores = torch.cat(parts).float() if parts else torch.zeros(0, device=self.device)
+        return scores[order.argsort()]
 
     def _pairs_per_tile(self, images: Encoded, texts: Encoded, memory_budget: int | None, precision: str) -> int:
         budget = memory_budget or self.memory_budget()
@@ -312,6 +349,11 @@ class CrossAttentionMatcher(Matcher):
         if precision != "fp32":  # the estimate counts 4-byte floats
             per_pair //= 2
         return max(1, budget // per_pair)
+
+
+# Pair scorers of each model in each (precision, compile): kept beside the model, not in it, so
+# that copying a model (deepcopy, state_dict) never copies them.
+_SCORERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def grid_view(images: Encoded, texts: Encoded) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
@@ -325,10 +367,8 @@ def grid_view(images: Encoded, texts: Encoded) -> tuple[dict[str, Tensor], dict[
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def autocast(device: torch.device, precision: str):
-    """Mixed precision for scoring: matrix products in bf16/fp16, reductions in float32."""
+def precision_dtype(precision: str) -> torch.dtype | None:
+    """The floating type of a scoring precision (None: float32, the models' own)."""
     if precision not in PRECISIONS:
         raise InputError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-    if PRECISIONS[precision] is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=PRECISIONS[precision])
+    return PRECISIONS[precision]

@@ -14,12 +14,12 @@ from torch import Tensor, nn
 def l2norm(x: Tensor, dim: int = -1, eps: float = 1e-8) -> Tensor:
     # eps is added to the norm (not clamped) as in the official SCAN/SGRAF/CMCAN code, so that
     # all-zero rows (padding) stay zero. vector_norm, unlike pow-sum-sqrt, has a zero gradient
-    # at a zero vector instead of 0/0 = NaN: batched padding makes such vectors common. The norm
-    # is accumulated in float32; in bf16/fp16 it is floored at the type's smallest normal number,
-    # under which eps would round to 0.
-    norm = torch.linalg.vector_norm(x, dim=dim, keepdim=True, dtype=torch.float32) + eps
-    if x.dtype in (torch.float16, torch.bfloat16):
-        norm = norm.clamp(min=torch.finfo(x.dtype).tiny).to(x.dtype)
+    # at a zero vector instead of 0/0 = NaN: batched padding makes such vectors common. (Norms of
+    # bf16/fp16 tensors accumulate in float32; in fp16, eps rounds to 0, so the norm is floored at
+    # fp16's smallest normal number.)
+    norm = torch.linalg.vector_norm(x, dim=dim, keepdim=True) + eps
+    if x.dtype == torch.float16:
+        norm = norm.clamp(min=torch.finfo(torch.float16).tiny)
     return x / norm
 
 
@@ -171,5 +171,7 @@ class GraphReasoning(nn.Module):
         # Scoring: (S W_q^T W_k + b_q W_k) S^T. The terms left out of the full product are constant
         # along each row and cancel in the softmax, so the key projection is never computed: one
         # P x P product per node instead of two (exact up to rounding).
-        mixed = sources @ (self.query.weight.T @ self.key.weight) + self.query.bias @ self.key.weight
+        # (F.linear folds the batch into rows; `@` would copy the P x P matrix for every pair when
+        # `sources` is a strided view.)
+        mixed = nn.functional.linear(sources, self.key.weight.T @ self.query.weight, self.query.bias @ self.key.weight)
         return mixed @ nodes.transpose(-1, -2)

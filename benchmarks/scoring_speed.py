@@ -1,0 +1,149 @@
+"""Benchmark (a): the scoring engine against a loop-style reference with the official structure.
+
+    .venv/bin/python benchmarks/scoring_speed.py [--images 100 --captions 200] [--lengths 12]
+        [--threads 2] [--repeats 3] [--trained demo-output/cmcan-official/best.pt --data demo-output/data]
+
+At the official sizes (36 regions, 2048-d features, D=1024, P=256, 12-word captions; --lengths
+8-20 gives the mix of the official measurement), with the same weights: pairs/s of the reference
+(official structure: 100 x 100 shards, a loop over captions; its word encoding is not timed, as in
+the official measurement) and of the engine in each precision, eager and compiled (timed with its
+whole encoding of images and captions; compiling is timed apart), the ratios, the largest score
+difference and whether R@1/5/10 agree. Each figure is the best of --repeats runs. With --trained,
+also the rSum of a trained checkpoint on its test split in each precision. On a GPU, the same with
+fp16 too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+from official_style import official_style_scores
+
+from itmatch import build_run_config, create_model, load_checkpoint
+from itmatch.data.adjacency import directional_adjacency
+from itmatch.data.precomp import PrecompSplit
+from itmatch.device import default_device
+from itmatch.evaluation.metrics import retrieval_metrics
+from itmatch.evaluation.runner import evaluate_split
+
+
+def inputs(n_images: int, n_captions: int, vocab_size: int, lengths: tuple[int, int] = (12, 12), seed: int = 0):
+    generator = torch.Generator().manual_seed(seed)
+    features = torch.rand(n_images, 36, 2048, generator=generator)
+    corners = torch.rand(n_images, 36, 2, generator=generator) * 400
+    boxes = torch.cat([corners, corners + 20 + torch.rand(n_images, 36, 2, generator=generator) * 200], dim=-1)
+    adjacency = torch.from_numpy(directional_adjacency(boxes.numpy(), [[640, 480]] * n_images))
+    lengths = torch.randint(lengths[0], lengths[1] + 1, (n_captions,), generator=generator)
+    tokens = torch.randint(4, vocab_size, (n_captions, 20), generator=generator) * (torch.arange(20) < lengths[:, None])
+    return features, adjacency, tokens, lengths
+
+
+def synchronize() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def timed(function, repeats: int):
+    """(result, seconds of the first call, best seconds of `repeats` further calls)."""
+    synchronize()
+    started = time.perf_counter()
+    result = function()
+    synchronize()
+    first = time.perf_counter() - started
+    best = float("inf")
+    for _ in range(repeats):
+        started = time.perf_counter()
+        function()
+        synchronize()
+        best = min(best, time.perf_counter() - started)
+    return result, first, best
+
+
+def recalls(sims: torch.Tensor, per_image: int) -> dict:
+    metrics = retrieval_metrics(sims.float().cpu().numpy(), per_image)
+    return {d: [metrics[d][k] for k in ("r1", "r5", "r10")] for d in ("i2t", "t2i")}
+
+
+def speed(args, device: torch.device) -> None:
+    config = build_run_config("cmcan-official", {"model": {"vocab_size": 8481}})
+    torch.manual_seed(0)
+    model = create_model("cmcan", config.model).to(device).eval()
+    tensors = inputs(args.images, args.captions, 8481, args.lengths)
+    features, adjacency, tokens, lengths = (t.to(device) for t in tensors)
+    per_image = args.captions // args.images
+
+    with torch.no_grad():
+        regions, words = (
+            model.encode_images(features, adjacency)["regions"],
+            model.encode_texts(tokens, lengths)["words"],
+        )
+    reference, _, reference_seconds = timed(
+        lambda: official_style_scores(model, regions, adjacency, words, lengths.tolist()), args.repeats
+    )
+    pairs = args.images * args.captions
+    print(
+        f"{device.type}, {args.images} images x {args.captions} captions ({pairs:,} pairs) of "
+        f"{args.lengths[0]}-{args.lengths[1]} words, {torch.get_num_threads()} threads, best of {args.repeats}"
+    )
+    print(f"reference (official structure, fp32): {pairs / reference_seconds:,.0f} pairs/s")
+    reference_recalls = recalls(reference, per_image)
+    precisions = ["fp32", "bf16"] + (["fp16"] if device.type == "cuda" else [])
+    for precision in precisions:
+        for compile in (False, True):
+            with torch.no_grad():
+                scores, first, seconds = timed(
+                    lambda p=precision, c=compile: model.score(
+                        model.encode_images(features, adjacency),
+                        model.encode_texts(tokens, lengths),
+                        precision=p,
+                        compile=c,
+                    ),
+                    args.repeats,
+                )
+            difference = (scores - reference).abs().max().item()
+            agree = recalls(scores, per_image) == reference_recalls
+            mode = f"compiled (compiling: {first - seconds:.0f} s)" if compile else "eager"
+            print(
+                f"engine {precision} {mode}: {pairs / seconds:,.0f} pairs/s, {reference_seconds / seconds:.2f}x the "
+                f"reference, max |diff| {difference:.1e}, R@1/5/10 {'agree' if agree else 'differ'}",
+                flush=True,
+            )
+
+
+def trained_rsum(args) -> None:
+    model = load_checkpoint(args.trained)
+    split = PrecompSplit(args.data, "test")
+    for precision in ("fp32", "bf16") + (("fp16",) if model.device.type == "cuda" else ()):
+        result = evaluate_split(model, split, progress=False, precision=precision)
+        print(
+            f"trained {model.run_config.preset} on {args.data} test ({split.n_images} images): "
+            f"{precision} rSum {result['rsum']:.2f} in {result['scoring_seconds']:.1f} s"
+        )
+
+
+def length_range(text: str) -> tuple[int, int]:
+    low, _, high = text.partition("-")
+    return int(low), int(high or low)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=100)
+    parser.add_argument("--captions", type=int, default=200)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--lengths", type=length_range, default=(12, 12), help="words per caption: 12, or 8-20")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--trained", type=Path, help="an itmatch CMCAN checkpoint to compare precisions on")
+    parser.add_argument("--data", type=Path, help="its precomp folder (test split)")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    speed(args, default_device())
+    if args.trained:
+        trained_rsum(args)
+
+
+if __name__ == "__main__":
+    main()
