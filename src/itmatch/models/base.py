@@ -311,15 +311,13 @@ class CrossAttentionMatcher(Matcher):
             images.to(dtype=precision_dtype(precision)),
             texts.select(order).to(dtype=precision_dtype(precision)),
         )
-        rows = []
+        scores = torch.empty(len(images), len(texts), device=self.device)  # the only copy of the result
         for i in tqdm(range(0, len(images), image_tile), desc="score pairs", disable=not progress, leave=False):
             image_part = images.select(slice(i, i + image_tile))
-            row = [
-                scorer(*grid_view(image_part, texts.select(slice(j, j + text_tile)))).float()
-                for j in range(0, len(texts), text_tile)
-            ]
-            rows.append(torch.cat(row, dim=1))
-        return torch.cat(rows, dim=0)[:, order.argsort()]
+            for j in range(0, len(texts), text_tile):
+                tile = scorer(*grid_view(image_part, texts.select(slice(j, j + text_tile))))
+                scores[i : i + image_tile, order[j : j + text_tile]] = tile.float()
+        return scores
 
     def score_pair_list(
         self,
