@@ -46,3 +46,10 @@ def test_precomposed_reasoning_equals_the_plain_form_and_node_zero_alone():
         first = layer(nodes, mask, first_only=True)
     torch.testing.assert_close(precomposed, plain.detach(), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(first, plain.detach()[:, :1], atol=1e-5, rtol=1e-5)
+
+    # The precomposed weights are cached; an in-place update (an optimizer step) must renew them.
+    with torch.no_grad():
+        layer.query.weight.add_(0.5)
+        updated = layer(nodes, mask)
+    torch.testing.assert_close(updated, layer(nodes, mask).detach(), atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(updated, precomposed)

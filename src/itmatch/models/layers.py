@@ -23,6 +23,12 @@ def l2norm(x: Tensor, dim: int = -1, eps: float = 1e-8) -> Tensor:
     return x / norm
 
 
+def parameter_signature(parameters) -> tuple:
+    """Changes whenever one of the tensors is updated in place, moved or cast: a key for results
+    derived from weights (optimizer steps and load_state_dict bump `_version`)."""
+    return tuple((p.data_ptr(), p._version) for p in parameters)
+
+
 def xavier_init(module: nn.Module) -> None:
     """The official code's initialisation: uniform Xavier for Linear layers, zero biases."""
     for layer in module.modules():
@@ -157,7 +163,8 @@ class GraphReasoning(nn.Module):
 
     def forward(self, nodes: Tensor, node_mask: Tensor | None = None, first_only: bool = False) -> Tensor:
         """nodes (batch, K, P) -> (batch, K, P); with `first_only`, node 0 alone (batch, 1, P)."""
-        sources = nodes[:, :1] if first_only else nodes
+        # (contiguous: a strided 3-d input makes F.linear copy the weight for every pair)
+        sources = nodes[:, :1].contiguous() if first_only else nodes
         edges = self.edge_logits(sources, nodes)
         if node_mask is not None:
             edges = edges.masked_fill(~node_mask[..., None, :], float("-inf"))
@@ -171,7 +178,19 @@ class GraphReasoning(nn.Module):
         # Scoring: (S W_q^T W_k + b_q W_k) S^T. The terms left out of the full product are constant
         # along each row and cancel in the softmax, so the key projection is never computed: one
         # P x P product per node instead of two (exact up to rounding).
-        # (F.linear folds the batch into rows; `@` would copy the P x P matrix for every pair when
-        # `sources` is a strided view.)
-        mixed = nn.functional.linear(sources, self.key.weight.T @ self.query.weight, self.query.bias @ self.key.weight)
-        return mixed @ nodes.transpose(-1, -2)
+        weight, bias = self._composed_query_key()
+        return nn.functional.linear(sources, weight, bias) @ nodes.transpose(-1, -2)
+
+    def _composed_query_key(self) -> tuple[Tensor, Tensor]:
+        """W_k^T W_q and b_q W_k, computed once per set of weights (not once per tile); a compiled
+        graph computes them itself (a Python-side cache would break the graph)."""
+
+        def compose() -> tuple[Tensor, Tensor]:
+            return self.key.weight.T @ self.query.weight, self.query.bias @ self.key.weight
+
+        if torch.compiler.is_compiling():
+            return compose()
+        version = parameter_signature([self.query.weight, self.query.bias, self.key.weight])
+        if getattr(self, "_composed_version", None) != version:
+            self._composed, self._composed_version = compose(), version
+        return self._composed
