@@ -4,7 +4,7 @@
 
 For each gallery of N images and 5N captions (CMCAN at the demo's sizes, random weights), one
 fresh process encodes the gallery, then scores every pair with a tile budget; the peak resident
-memory added by scoring is reported beside the score matrix it returns (N x 5N floats), so the
+memory added by scoring (Linux: VmHWM after resetting it) is reported beside the score matrix it returns (N x 5N floats), so the
 working memory (the rest) can be read off: it follows the budget, not the number of pairs.
 On CUDA the same is read from torch.cuda.max_memory_allocated.
 """
@@ -12,12 +12,28 @@ On CUDA the same is read from torch.cuda.max_memory_allocated.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
-import resource
 import subprocess
 import sys
 
 import torch
+
+
+def status_kib(field: str) -> int:
+    for line in open("/proc/self/status"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def resident_after_reset() -> int:
+    """Bytes resident now, after handing freed heap back to the system and resetting the peak
+    (Linux: writing 5 to clear_refs), so that VmHWM then measures what scoring adds."""
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    with open("/proc/self/clear_refs", "w") as handle:
+        handle.write("5")
+    return status_kib("VmRSS") * 1024
 
 
 def measure(n_images: int, budget_mib: int) -> dict:
@@ -40,12 +56,12 @@ def measure(n_images: int, budget_mib: int) -> dict:
             torch.cuda.reset_peak_memory_stats()
             before = torch.cuda.memory_allocated()
         else:
-            before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+            before = resident_after_reset()
         model.score(images, texts, memory_budget=budget_mib << 20)
         if torch.cuda.is_available():
             peak = torch.cuda.max_memory_allocated() - before
         else:
-            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
+            peak = status_kib("VmHWM") * 1024 - before
     return {
         "images": n_images,
         "pairs": n_images * n_captions,
