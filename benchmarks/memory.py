@@ -4,8 +4,9 @@
 
 For each gallery of N images and 5N captions (CMCAN at the demo's sizes, random weights), one
 fresh process encodes the gallery, then scores every pair with a tile budget; the peak resident
-memory added by scoring (Linux: VmHWM after resetting it) is reported beside the score matrix it returns (N x 5N floats), so the
-working memory (the rest) can be read off: it follows the budget, not the number of pairs.
+memory added by scoring (Linux: VmHWM after resetting it) is reported beside the score matrix it
+returns (N x 5N floats), so the working memory (the rest) can be read off: it follows the
+budget, not the number of pairs.
 On CUDA the same is read from torch.cuda.max_memory_allocated.
 """
 

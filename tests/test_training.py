@@ -154,9 +154,11 @@ def test_nan_features_stop_training_with_the_file_and_image_named(data, tmp_path
 
 
 def test_optimizer_follows_the_preset():
+    from itmatch.models.registry import build_model
     from itmatch.training import _optimizer
 
-    adamw = _optimizer(torch.nn.Linear(2, 2), build_run_config("vse-infty-bigru"))
-    adam = _optimizer(torch.nn.Linear(2, 2), build_run_config("vsepp"))
+    adamw, adam = (
+        _optimizer(build_model(config), config) for config in map(build_run_config, ("vse-infty-bigru", "vsepp"))
+    )
     assert type(adamw) is torch.optim.AdamW and adamw.defaults["weight_decay"] == 0.01
     assert type(adam) is torch.optim.Adam and adam.defaults["weight_decay"] == 0.0

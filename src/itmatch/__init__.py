@@ -1,7 +1,7 @@
 """itmatch: image-text matching with CMCAN and the methods it is compared with, on one interface.
 
 model = itmatch.load_checkpoint("runs/cmcan/best.pt")
-tokens, lengths = model.vocab.encode_batch(["a red dog to the left of a blue car"])
+tokens, lengths = model.tokenize(["a red dog to the left of a blue car"])  # vocabulary or pretrained tokenizer
 scores = model.similarity(features, tokens, lengths, boxes=boxes, image_sizes=sizes)
 """
 

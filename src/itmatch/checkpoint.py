@@ -1,6 +1,7 @@
-"""itmatch checkpoints: one file with the model weights, the full run config and the vocabulary.
+"""itmatch checkpoints: one file with the model weights, the full run config and the vocabulary
+(or a pretrained text encoder's configuration and tokenizer files).
 
-Files hold only tensors, numbers, strings, lists and dicts, so they load with
+Files hold only tensors, numbers, strings, bytes, lists and dicts, so they load with
 `torch.load(weights_only=True)` (no pickled code runs), and are written atomically: a run killed
 while saving keeps its previous checkpoint.
 """
@@ -18,6 +19,7 @@ from itmatch.device import default_device
 from itmatch.errors import CheckpointError, ConfigError, DataError
 from itmatch.files import atomic_write
 from itmatch.models.registry import build_model
+from itmatch.models.text import from_stored_files
 
 FORMAT = "itmatch-checkpoint"
 VERSION = 1
@@ -33,6 +35,8 @@ def save_checkpoint(path: str | Path, model, config: RunConfig, **state) -> None
         "config": config.to_dict(),
         "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         "vocab": None if model.vocab is None else list(model.vocab.words),
+        # A pretrained text encoder's configuration and tokenizer files: loading needs no folder.
+        "text_encoder_files": model.text_encoder.stored_files(),
         **state,
     }
     atomic_write(Path(path), lambda file: torch.save(payload, file))
@@ -105,7 +109,11 @@ def model_from_payload(payload: dict, path, architecture: str | None = None, pre
         config = build_run_config(payload["config"])
     except ConfigError as error:
         raise CheckpointError(path, f"its config does not fit this version of itmatch: {error}") from None
-    model = build_model(config)
+    try:
+        with from_stored_files(payload.get("text_encoder_files") or None):
+            model = build_model(config)
+    except ConfigError as error:
+        raise CheckpointError(path, f"its text encoder cannot be built: {error}") from None
     try:
         model.load_state_dict(payload["model"])
     except RuntimeError as error:

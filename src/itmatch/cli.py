@@ -11,8 +11,10 @@ from pathlib import Path
 
 from itmatch.convert import CONVERTERS
 from itmatch.errors import ItmatchError
+from itmatch.models.backbones import RESNET_LAYOUTS
 
 SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+MAX_SKIPS_SHOWN = 20  # lines of a raw-image split's left-out list printed by evaluate
 
 
 def memory_size(text: str) -> int:
@@ -27,9 +29,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="itmatch", description="Image-text matching: train, evaluate, convert.")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    train = commands.add_parser("train", help="train a preset on a precomp folder")
+    train = commands.add_parser("train", help="train a preset on a precomp folder or raw images")
     train.add_argument("--model", required=True, help="preset name (see `itmatch models`)")
-    train.add_argument("--data", required=True, type=Path, help="precomp folder with train (and dev) splits")
+    train.add_argument(
+        "--data",
+        required=True,
+        type=Path,
+        help="precomp folder with train (and dev) splits, or a raw-image source (the image encoder trains too)",
+    )
     train.add_argument("--out", required=True, type=Path, help="run folder for checkpoints and logs")
     train.add_argument("--epochs", type=int, help="same as --set train.epochs=N")
     train.add_argument("--batch-size", type=int, help="same as --set train.batch_size=N")
@@ -75,7 +82,51 @@ def build_parser() -> argparse.ArgumentParser:
     synthetic.add_argument("--regions", type=int, default=36, help="regions per image")
     synthetic.add_argument("--feature-dim", type=int, default=256)
 
+    extract = commands.add_parser("extract", help="grid region features of raw images from a pretrained ResNet")
+    extract.add_argument(
+        "--images", required=True, type=Path, help="folder with captions.csv, a .csv, or a Karpathy dataset_*.json"
+    )
+    extract.add_argument("--out", required=True, type=Path, help="precomp folder to write (or to continue)")
+    extract.add_argument("--backbone", required=True, choices=sorted(RESNET_LAYOUTS))
+    extract.add_argument("--weights", type=Path, help="the backbone's torchvision-format state dict (.pth)")
+    extract.add_argument("--split", nargs="+", help="default: every split of the source")
+    extract.add_argument("--batch-size", type=int, default=32)
+    extract.add_argument("--image-size", type=int, default=224, help="images are squashed to this square")
+    extract.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
+    extract.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    butd = commands.add_parser("import-butd", help="bottom-up-attention TSV features into the precomp layout")
+    butd.add_argument("tsv", type=Path)
+    butd.add_argument("--out", required=True, type=Path, help="precomp folder")
+    butd.add_argument("--split", default="train", help="the split written (and read from --captions)")
+    butd.add_argument("--captions", type=Path, help="raw-image source whose split gives the captions and order")
+    butd.add_argument("--regions", type=int, help="keep the first R boxes of each image (when the counts vary)")
+    butd.add_argument("--quiet", action="store_true", help="no progress bars")
+
     commands.add_parser("models", help="list the presets")
+
+    index = commands.add_parser("index", help="index a split's images for search (adds the ones not indexed yet)")
+    index.add_argument("checkpoint", type=Path)
+    index.add_argument("--data", required=True, type=Path, help="precomp folder")
+    index.add_argument("--out", required=True, type=Path, help="index folder (created, or extended)")
+    index.add_argument("--split", default="test")
+    index.add_argument("--batch-size", type=int, default=128)
+    index.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    search = commands.add_parser("search", help="search an index by text, or by one of its images")
+    search.add_argument("index", type=Path, help="index folder (see `itmatch index`)")
+    query = search.add_mutually_exclusive_group(required=True)
+    query.add_argument("text", nargs="?", help="a sentence: the images that match it best")
+    query.add_argument("--image", type=int, metavar="ID", help="an indexed image: the captions that match it best")
+    search.add_argument("-k", type=int, default=10, help="number of results")
+    search.add_argument("--rerank-k", type=int, metavar="K", help="score only the faiss first stage's top K")
+    search.add_argument("--json", action="store_true", help="print the results as JSON")
+
+    serve = commands.add_parser("serve", help="the search web page and JSON API of an index")
+    serve.add_argument("index", type=Path)
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--rerank-k", type=int, metavar="K", help="default for searches: score the top K only")
     return parser
 
 
@@ -101,13 +152,14 @@ def run_train(args) -> None:
 
 def run_evaluate(args) -> None:
     from itmatch.checkpoint import load_checkpoint
-    from itmatch.data.precomp import PrecompSplit
+    from itmatch.data.sources import open_split
     from itmatch.evaluation.metrics import format_results
     from itmatch.evaluation.runner import evaluate_split
 
     models = [load_checkpoint(path) for path in args.checkpoints]
     first_stage = load_checkpoint(args.first_stage) if args.first_stage else None
-    split = PrecompSplit(args.data, args.split)
+    split = open_split(args.data, args.split, progress=not args.quiet)
+    report_skipped(split)
     result = evaluate_split(
         models,
         split,
@@ -159,6 +211,44 @@ def run_make_synthetic(args) -> None:
     print(f"wrote {', '.join(f'{n} {s}' for s, n in splits.items())} images to {args.out}")
 
 
+def report_skipped(split) -> None:
+    """Prints on stderr what a raw-image split left out (at most MAX_SKIPS_SHOWN lines of it)."""
+    from itmatch.data.raw import skip_summary
+
+    if getattr(split, "skipped", None):
+        print(skip_summary(split), file=sys.stderr)
+        for skipped in split.skipped[:MAX_SKIPS_SHOWN]:
+            print(f"  {skipped.item}: {skipped.reason}", file=sys.stderr)
+
+
+def run_extract(args) -> None:
+    from itmatch.extract import extract
+
+    counts = extract(
+        args.images,
+        args.out,
+        args.backbone,
+        args.weights,
+        args.split,
+        args.batch_size,
+        args.image_size,
+        args.workers,
+        progress=not args.quiet,
+    )
+    print(f"{args.out}: extracted {', '.join(f'{n:,} {s}' for s, n in counts.items()) or 'nothing new'}")
+
+
+def run_import_butd(args) -> None:
+    from itmatch.data.butd import import_butd
+    from itmatch.data.raw import RawSource
+
+    captions = None
+    if args.captions is not None:
+        captions = RawSource(args.captions).open(args.split, verify_images=False)
+        report_skipped(captions)
+    import_butd(args.tsv, args.out, args.split, captions, args.regions, progress=not args.quiet)
+
+
 def run_models(args) -> None:
     from itmatch.config import load_preset, preset_names
 
@@ -167,13 +257,50 @@ def run_models(args) -> None:
         print(f"{name:18s} {preset['architecture']:8s} {preset.get('description', '')}")
 
 
+def run_index(args) -> None:
+    from itmatch.service.index import build_index
+
+    index, added = build_index(args.checkpoint, args.data, args.split, args.out, args.batch_size, not args.quiet)
+    print(f"added {added:,} images of {args.data} {args.split} to {args.out} (now {index.n_images:,} images)")
+    print(f"search it with: itmatch serve {args.out}   (then open http://127.0.0.1:8000/)")
+
+
+def run_search(args) -> None:
+    from itmatch.service.index import SearchIndex
+    from itmatch.service.search import search_by_image, search_by_text
+
+    index = SearchIndex.open(args.index)
+    if args.image is None:
+        found = search_by_text(index, args.text, args.k, args.rerank_k)
+        title = f'top {len(found["results"])} of {index.n_images:,} images for "{args.text}"'
+        lines = [f"{r['rank']:3d}. score {r['score']:.4f}  image {r['image']:5d}  {r['id']}" for r in found["results"]]
+    else:
+        found = search_by_image(index, args.image, args.k, args.rerank_k)
+        title = f"top {len(found['results'])} captions for image {args.image} ({found['id']})"
+        lines = [
+            f"{r['rank']:3d}. score {r['score']:.4f}  image {r['image']:5d}  {r['text']}" for r in found["results"]
+        ]
+    print(json.dumps(found, indent=2) if args.json else "\n".join([title, *lines]))
+
+
+def run_serve(args) -> None:
+    from itmatch.service.app import serve
+
+    serve(args.index, args.host, args.port, args.rerank_k)
+
+
 COMMANDS = {
     "train": run_train,
     "evaluate": run_evaluate,
     "convert": run_convert,
     "build-vocab": run_build_vocab,
     "make-synthetic": run_make_synthetic,
+    "extract": run_extract,
+    "import-butd": run_import_butd,
     "models": run_models,
+    "index": run_index,
+    "search": run_search,
+    "serve": run_serve,
 }
 
 

@@ -18,6 +18,7 @@ from importlib import resources
 from typing import Any, Literal
 
 from itmatch.errors import ConfigError
+from itmatch.models.backbones import BackboneConfig
 
 
 @dataclass
@@ -80,6 +81,8 @@ class RunConfig:
     model: Any
     train: TrainConfig = field(default_factory=TrainConfig)
     loss: LossConfig = field(default_factory=LossConfig)
+    # The image encoder trained end to end on raw images; None for precomputed region features.
+    backbone: BackboneConfig | None = None
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -194,13 +197,16 @@ def build_run_config(preset: str | dict, overrides: dict | None = None) -> RunCo
         if key not in raw:
             raise ConfigError(f"config has no {key!r}")
     model = from_dict(config_class(raw["architecture"]), raw.get("model", {}), "model.")
-    unknown = sorted(set(raw) - {"architecture", "preset", "model", "train", "loss"})
+    unknown = sorted(set(raw) - {"architecture", "preset", "model", "train", "loss", "backbone"})
     if unknown:
-        raise ConfigError(f"unknown config key {unknown[0]!r}; valid: preset, architecture, model, train, loss")
+        raise ConfigError(
+            f"unknown config key {unknown[0]!r}; valid: preset, architecture, model, train, loss, backbone"
+        )
     return RunConfig(
         preset=raw["preset"],
         architecture=raw["architecture"],
         model=model,
         train=from_dict(TrainConfig, raw.get("train", {}), "train."),
         loss=from_dict(LossConfig, raw.get("loss", {}), "loss."),
+        backbone=_coerce(BackboneConfig | None, raw.get("backbone"), "backbone"),
     )

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO
+
+import numpy as np
 
 
 def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
@@ -23,3 +26,42 @@ def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
     except BaseException:
         Path(temp).unlink(missing_ok=True)
         raise
+
+
+class ResumableArray:
+    """A float32 .npy filled in order, batch by batch, that survives being killed: rows go to
+    `{path}.partial` (a memory map) and, once flushed, `{path}.progress` records how many are done
+    and for which `key` (what they were computed from). A run with the same key and shape continues
+    there; `finish` renames the complete file into place."""
+
+    def __init__(self, path: Path, shape: tuple[int, ...], key: str):
+        self.path, self.shape, self.key = Path(path), tuple(shape), key
+        self.partial = self.path.with_name(self.path.name + ".partial")
+        self.marker = self.path.with_name(self.path.name + ".progress")
+        self.done = self._rows_done()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        mode = "r+" if self.done else "w+"
+        self.array = np.lib.format.open_memmap(self.partial, mode=mode, dtype=np.float32, shape=self.shape)
+
+    def _rows_done(self) -> int:
+        try:
+            progress = json.loads(self.marker.read_text())
+        except (OSError, ValueError):
+            return 0
+        same = progress.get("key") == self.key and tuple(progress.get("shape", ())) == self.shape
+        return int(progress.get("done", 0)) if same and self.partial.exists() else 0
+
+    def append(self, rows: np.ndarray) -> None:
+        self.array[self.done : self.done + len(rows)] = rows
+        self.array.flush()  # the rows reach the disk before the marker counts them
+        self.done += len(rows)
+        record = {"done": self.done, "shape": list(self.shape), "key": self.key}
+        atomic_write(self.marker, lambda file: file.write(json.dumps(record).encode()))
+
+    def finish(self) -> None:
+        if self.done != self.shape[0]:
+            raise ValueError(f"{self.path}: {self.done} of {self.shape[0]} rows written")
+        self.array.flush()
+        del self.array
+        os.replace(self.partial, self.path)
+        self.marker.unlink(missing_ok=True)

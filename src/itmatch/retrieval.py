@@ -85,17 +85,31 @@ def search_images(
     With `rerank_k`, only each query's `rerank_k` best images by embedding (the model's own, or
     `first_stage` = (companion model, its encoding of the same images)) are scored by the model.
     """
-    texts = _encode_queries(model, queries)
+    texts = encode_queries(model, queries)
     if rerank_k is None:
         scores = model.score(images, texts).T
         return scores.topk(min(k, scores.shape[1]), dim=1)
     stage_model, stage_images = first_stage or (model, images)
-    stage_texts = texts if first_stage is None else _encode_queries(stage_model, queries)
+    stage_texts = texts if first_stage is None else encode_queries(stage_model, queries)
     candidates = nearest(embeddings(stage_model, stage_images), embeddings(stage_model, stage_texts), rerank_k)
-    query_index = torch.arange(len(queries)).repeat_interleave(candidates.shape[1])
+    return rerank(model, images, texts, candidates, k)
+
+
+@torch.no_grad()
+def rerank(
+    model: Matcher, images: Encoded, texts: Encoded, candidates: Tensor, k: int, queries: str = "texts"
+) -> tuple[Tensor, Tensor]:
+    """The k best of each query's candidates by the full model: (scores, gallery indices), (n_queries, k).
+
+    `queries` says which side the queries are: "texts" (row q of `candidates` holds image indices
+    for texts[q]) or "images" (text indices for images[q]).
+    """
+    n_queries, per_query = candidates.shape
+    query_index = torch.arange(n_queries).repeat_interleave(per_query)
+    pairs = (candidates.flatten(), query_index) if queries == "texts" else (query_index, candidates.flatten())
     device = model.device
-    scores = model.score_pair_list(images, texts, candidates.flatten().to(device), query_index.to(device))
-    best, order = scores.view(len(queries), -1).cpu().topk(min(k, candidates.shape[1]), dim=1)
+    scores = model.score_pair_list(images, texts, *(index.to(device) for index in pairs))
+    best, order = scores.view(n_queries, -1).cpu().topk(min(k, per_query), dim=1)
     return best, candidates.gather(1, order)
 
 
@@ -106,8 +120,7 @@ def search_texts(model: Matcher, images: Encoded, texts: Encoded, k: int = 10) -
     return scores.topk(min(k, scores.shape[1]), dim=1)
 
 
-def _encode_queries(model: Matcher, queries: list[str]) -> Encoded:
-    if model.vocab is None:
-        raise InputError("the model has no vocabulary to read text queries with")
-    tokens, lengths = model.vocab.encode_batch(queries)
-    return model.encode_texts(tokens, lengths)
+def encode_queries(model: Matcher, queries: list[str]) -> Encoded:
+    """Text queries read with the model's tokenizer (its word vocabulary, or a pretrained text
+    encoder's own) and encoded."""
+    return model.encode_texts(*model.tokenize(queries))

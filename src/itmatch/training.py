@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -23,13 +23,16 @@ from tqdm.auto import tqdm
 
 from itmatch.checkpoint import model_from_payload, read_checkpoint, save_checkpoint
 from itmatch.config import RunConfig, build_run_config, merge
-from itmatch.data.datasets import PairDataset, make_loader
-from itmatch.data.precomp import PrecompSplit, list_splits
+from itmatch.data.datasets import PairDataset, image_input, image_reading, make_loader
+from itmatch.data.precomp import PrecompSplit
+from itmatch.data.raw import RawImageSplit, skip_summary, write_skip_list
+from itmatch.data.sources import check_image_input, open_split, split_names
 from itmatch.data.vocab import Vocabulary, build_vocab_for_dir
 from itmatch.device import default_device
-from itmatch.errors import DataError, ItmatchError
+from itmatch.errors import ConfigError, DataError, ItmatchError
 from itmatch.evaluation.runner import evaluate_split
 from itmatch.losses import triplet_ranking_loss
+from itmatch.models.backbones import BackboneConfig, build_backbone, load_weights
 from itmatch.models.registry import build_model
 
 
@@ -73,18 +76,25 @@ def train(
     """
     process = _join_process_group()
     run_dir, data_dir = Path(run_dir), Path(data_dir)
-    train_split = PrecompSplit(data_dir, "train")
+    train_split = open_split(data_dir, "train", progress=progress)
     if resume:
         model, config, state, optimizer_state = _resume(run_dir, config, overrides, log)
     else:
         _refuse_overwrite(run_dir)
-        vocab = _vocabulary(data_dir, vocab_path, run_dir, process, log)
+        vocab = _word_vocabulary(config, data_dir, vocab_path, run_dir, process, log)
         config = _fit_to_data(config, train_split, vocab)
         model, state, optimizer_state = build_model(config), TrainState(), None
         model.vocab = vocab
+        if config.backbone is not None and config.backbone.weights:
+            load_weights(model.backbone, config.backbone.weights)
+    check_image_input(train_split, model)
+    if config.backbone is not None:
+        log(f"raw images: the {config.backbone.name} image encoder ({config.backbone.image_size} px) trains too")
     model.run_config = config
-    dev_split = _dev_split(data_dir, config, log)
-    log(f"unknown words in train captions: {100 * model.vocab.unk_rate(train_split.captions[:20000]):.2f}%")
+    dev_split = _dev_split(data_dir, config, progress, log)
+    if process.main:
+        _report_skipped([train_split, dev_split], run_dir, log)
+    log(f"unknown words in train captions: {100 * model.tokenizer.unk_rate(train_split.captions[:20000]):.2f}%")
     if process.main:
         _write_json(run_dir / "config.json", config.to_dict())
     model.to(process.device)
@@ -100,8 +110,8 @@ class _Trainer:
         self.config, self.model, self.optimizer, self.state = config, model, optimizer, state
         self.train_split, self.dev_split, self.run_dir = train_split, dev_split, run_dir
         self.process, self.progress, self.log = process, progress, log
-        adjacency = train_split.adjacency(*model.adjacency_spec()) if model.needs_adjacency else None
-        self.dataset = PairDataset(train_split, model.vocab, adjacency)
+        augment = config.backbone.augment if config.backbone is not None else None
+        self.dataset = PairDataset(train_split, model.tokenizer, **image_reading(model, train_split, augment))
         self.network = model if process.world_size == 1 else DistributedDataParallel(model)
         self.writer = SummaryWriter(str(run_dir / "tensorboard")) if process.main else None
 
@@ -140,7 +150,7 @@ class _Trainer:
         torch.manual_seed(train.seed * 100_003 + epoch + self.state.batches_done)  # dropout
         lr = self._learning_rate(epoch)
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)  # optimizer states saved before lr_scale have none
         negatives = "sum" if epoch < loss_config.warmup_epochs else loss_config.negatives
         loader = make_loader(self.dataset, 1, train.workers, batch_sampler=self._epoch_batches(epoch))
         self.model.train()
@@ -160,7 +170,7 @@ class _Trainer:
     def _step(self, batch: dict, negatives: str) -> float:
         device = self.process.device
         scores = self.network(
-            batch["features"].to(device),
+            image_input(batch).to(device),
             batch["tokens"].to(device),
             batch["lengths"],
             batch["adjacency"].to(device) if "adjacency" in batch else None,
@@ -222,7 +232,7 @@ class _Trainer:
 def _optimizer(model, config: RunConfig) -> torch.optim.Optimizer:
     train = config.train
     kind = torch.optim.AdamW if train.optimizer == "adamw" else torch.optim.Adam
-    return kind(model.parameters(), lr=train.learning_rate, weight_decay=train.weight_decay)
+    return kind(model.parameter_groups(), lr=train.learning_rate, weight_decay=train.weight_decay)
 
 
 def _epoch_line(record: dict, improved: bool) -> str:
@@ -246,11 +256,20 @@ def _join_process_group() -> Process:
     return Process(rank, world_size, device)
 
 
-def _dev_split(data_dir: Path, config: RunConfig, log) -> PrecompSplit | None:
-    if "dev" not in list_splits(data_dir):
+def _dev_split(data_dir: Path, config: RunConfig, progress: bool, log) -> PrecompSplit | RawImageSplit | None:
+    if "dev" not in split_names(data_dir):
         log(f"{data_dir}: no dev split; best.pt will follow the last epoch")
         return None
-    return PrecompSplit(data_dir, "dev", max_captions=config.train.dev_max_captions)
+    return open_split(data_dir, "dev", max_captions=config.train.dev_max_captions, progress=progress)
+
+
+def _report_skipped(splits: list, run_dir: Path, log) -> None:
+    """Writes what raw-image splits left out to RUN_DIR/{split}_skipped.txt, with a summary line."""
+    for split in splits:
+        if isinstance(split, RawImageSplit) and split.skipped:
+            path = run_dir / f"{split.split}_skipped.txt"
+            write_skip_list(split.skipped, path)
+            log(skip_summary(split, path))
 
 
 def _refuse_overwrite(run_dir: Path) -> None:
@@ -258,6 +277,16 @@ def _refuse_overwrite(run_dir: Path) -> None:
         raise ItmatchError(
             f"{run_dir} already holds a run (last.pt); continue it with --resume or choose another --out"
         )
+
+
+def _word_vocabulary(config: RunConfig, data_dir: Path, vocab_path, run_dir: Path, process: Process, log):
+    """The word vocabulary of a GRU text encoder; None for a pretrained one (it has its own tokenizer)."""
+    text = config.model.text
+    if not text.pretrained:
+        return _vocabulary(data_dir, vocab_path, run_dir, process, log)
+    if vocab_path is not None:
+        raise ConfigError(f"{vocab_path}: model.text.encoder={text.encoder} reads its own tokenizer, not a vocabulary")
+    return None
 
 
 def _vocabulary(data_dir: Path, vocab_path, run_dir: Path, process: Process, log) -> Vocabulary:
@@ -274,11 +303,15 @@ def _vocabulary(data_dir: Path, vocab_path, run_dir: Path, process: Process, log
     return vocab
 
 
-def _fit_to_data(config: RunConfig, split: PrecompSplit, vocab: Vocabulary) -> RunConfig:
-    """Sets the sizes that the data decides: vocabulary, feature dimension, regions per image."""
-    sizes = {"vocab_size": len(vocab), "img_dim": split.feature_dim}
+def _fit_to_data(config: RunConfig, split: PrecompSplit | RawImageSplit, vocab: Vocabulary | None) -> RunConfig:
+    """Sets what the data decides: vocabulary, feature dimension, regions per image, and for raw
+    images a backbone (the from-scratch convnet unless backbone.* names another)."""
+    if isinstance(split, RawImageSplit) and config.backbone is None:
+        config = replace(config, backbone=BackboneConfig())
+    regions = split if config.backbone is None else build_backbone(config.backbone)  # both know the shape
+    sizes = {"img_dim": regions.feature_dim} | ({} if vocab is None else {"vocab_size": len(vocab)})
     if hasattr(config.model, "n_regions"):
-        sizes["n_regions"] = split.n_regions
+        sizes["n_regions"] = regions.n_regions
     return build_run_config(config.to_dict(), {"model": sizes})
 
 

@@ -93,7 +93,37 @@ def _is_writable(folder: Path) -> bool:
     return os.access(folder, os.W_OK)
 
 
-class PrecompSplit:
+class CaptionedSplit:
+    """Images with `captions_per_image` captions each, caption k describing image k // that: what
+    datasets, training and evaluation read of a split (precomputed features or raw images)."""
+
+    captions_path: Path
+    captions: list[str]
+    captions_per_image: int
+    ids: list[str] | None
+    n_images: int
+
+    @property
+    def n_captions(self) -> int:
+        return self.n_images * self.captions_per_image
+
+    def image_of_caption(self, k: int | np.ndarray) -> int | np.ndarray:
+        return k // self.captions_per_image
+
+    def truncate_captions(self, max_captions: int) -> None:
+        """Keep the first `max_captions` captions and their images (all of them if fewer)."""
+        if max_captions <= 0 or max_captions % self.captions_per_image:
+            raise ConfigError(
+                f"max_captions must be a positive multiple of {self.captions_per_image} "
+                f"(captions per image in {self.captions_path}), got {max_captions}"
+            )
+        self.n_images = min(self.n_images, max_captions // self.captions_per_image)
+        self.captions = self.captions[: self.n_captions]
+        if self.ids is not None:
+            self.ids = self.ids[: self.n_images]
+
+
+class PrecompSplit(CaptionedSplit):
     """`{split}_ims.npy`, `{split}_caps.txt` and the optional ids, boxes, sizes and graph files."""
 
     def __init__(self, data_dir: str | Path, split: str, max_captions: int | None = None):
@@ -159,18 +189,6 @@ class PrecompSplit:
             )
         return ids
 
-    def truncate_captions(self, max_captions: int) -> None:
-        """Keep the first `max_captions` captions and their images (all of them if fewer)."""
-        if max_captions <= 0 or max_captions % self.captions_per_image:
-            raise ConfigError(
-                f"max_captions must be a positive multiple of {self.captions_per_image} "
-                f"(captions per image in {self.captions_path}), got {max_captions}"
-            )
-        self.n_images = min(self.n_images, max_captions // self.captions_per_image)
-        self.captions = self.captions[: self.n_captions]
-        if self.ids is not None:
-            self.ids = self.ids[: self.n_images]
-
     # ---- features and captions ----
 
     @property
@@ -179,19 +197,12 @@ class PrecompSplit:
         return self._features[: self.n_images]
 
     @property
-    def n_captions(self) -> int:
-        return self.n_images * self.captions_per_image
-
-    @property
     def n_regions(self) -> int:
         return self._features.shape[1]
 
     @property
     def feature_dim(self) -> int:
         return self._features.shape[2]
-
-    def image_of_caption(self, k: int | np.ndarray) -> int | np.ndarray:
-        return k // self.captions_per_image
 
     def check_finite(self, image_index: int) -> None:
         """Raise a DataError if one image's features hold NaN or infinity (cheap: one image)."""
@@ -307,3 +318,25 @@ class PrecompSplit:
             if not ((block == 0) | (block == 1)).all():
                 raise DataError(path, "holds values other than 0 and 1")
         return adjacency
+
+
+def write_split_files(
+    data_dir: str | Path,
+    split: str,
+    ids: list[str],
+    boxes: np.ndarray,
+    sizes: np.ndarray,
+    captions: list[str] | None = None,
+) -> None:
+    """The files beside `{split}_ims.npy`: ids, boxes (N, R, 4), (w, h) sizes and, when known,
+    captions (in image order, the same number per image), each written atomically."""
+    data_dir = Path(data_dir)
+
+    def lines(items: list[str]):
+        return lambda file: file.write("".join(f"{item}\n" for item in items).encode("utf-8"))
+
+    atomic_write(data_dir / f"{split}_ids.txt", lines(ids))
+    atomic_write(data_dir / f"{split}_ims_bbx.npy", lambda file: np.save(file, boxes.astype(np.float32)))
+    atomic_write(data_dir / f"{split}_ims_size.npy", lambda file: np.save(file, sizes.astype(np.int64)))
+    if captions is not None:
+        atomic_write(data_dir / f"{split}_caps.txt", lines(captions))

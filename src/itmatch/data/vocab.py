@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from itmatch.data.precomp import read_captions
+from itmatch.data.sources import split_captions
 from itmatch.data.tokenizer import tokenize
 from itmatch.errors import DataError, InputError
 from itmatch.files import atomic_write
@@ -138,7 +138,6 @@ def _scan_words(path: Path, data: Any) -> list[str]:
 
 
 def build_vocab_for_dir(data_dir: str | Path, threshold: int = 4) -> Vocabulary:
-    """SCAN's vocabulary of a precomp folder: `train_caps.txt` + `dev_caps.txt`."""
-    data_dir = Path(data_dir)
-    captions = read_captions(data_dir / "train_caps.txt") + read_captions(data_dir / "dev_caps.txt")
+    """SCAN's vocabulary of the train + dev captions of a precomp folder or raw-image source."""
+    captions = split_captions(data_dir, "train") + split_captions(data_dir, "dev")
     return Vocabulary.build(captions, threshold)

@@ -5,10 +5,12 @@ from __future__ import annotations
 import time
 
 import torch
+from torch.utils.data import Subset
 from tqdm.auto import tqdm
 
-from itmatch.data.datasets import CaptionDataset, ImageDataset, make_loader
+from itmatch.data.datasets import CaptionDataset, ImageDataset, image_input, image_reading, make_loader
 from itmatch.data.precomp import PrecompSplit
+from itmatch.data.raw import RawImageSplit
 from itmatch.errors import InputError
 from itmatch.evaluation.metrics import aggregate_folds, retrieval_metrics
 from itmatch.models.base import Encoded, Matcher
@@ -21,16 +23,25 @@ PROTOCOLS = ("1k", "coco-5fold", "coco-5k")
 
 @torch.no_grad()
 def encode_split(
-    model: Matcher, split: PrecompSplit, batch_size: int = 128, workers: int = 0, progress: bool = True
+    model: Matcher,
+    split: PrecompSplit | RawImageSplit,
+    batch_size: int = 128,
+    workers: int = 0,
+    progress: bool = True,
+    rows: list[int] | None = None,
 ) -> tuple[Encoded, Encoded]:
-    """Every image and every caption of the split encoded once, in order."""
-    if model.vocab is None:
-        raise InputError("the model has no vocabulary: load it from an itmatch checkpoint that has one")
-    adjacency = split.adjacency(*model.adjacency_spec()) if model.needs_adjacency else None
+    """Every image and every caption of the split encoded once, in order; with `rows`, only those
+    images and their captions."""
+    tokenizer = model.tokenizer  # first: a model that cannot read text fails before any work
+    image_set, caption_set = ImageDataset(split, **image_reading(model, split)), CaptionDataset(split, tokenizer)
+    if rows is not None:
+        per_image = split.captions_per_image
+        caption_rows = [row * per_image + j for row in rows for j in range(per_image)]
+        image_set, caption_set = Subset(image_set, rows), Subset(caption_set, caption_rows)
     images = [
-        model.encode_images(batch["features"], batch.get("adjacency"))
+        model.encode_image_input(image_input(batch), batch.get("adjacency"))
         for batch in tqdm(
-            make_loader(ImageDataset(split, adjacency), batch_size, workers),
+            make_loader(image_set, batch_size, workers),
             desc="encode images",
             disable=not progress,
             leave=False,
@@ -39,7 +50,7 @@ def encode_split(
     texts = [
         model.encode_texts(batch["tokens"], batch["lengths"])
         for batch in tqdm(
-            make_loader(CaptionDataset(split, model.vocab), batch_size, workers),
+            make_loader(caption_set, batch_size, workers),
             desc="encode captions",
             disable=not progress,
             leave=False,
@@ -51,7 +62,7 @@ def encode_split(
 @torch.no_grad()
 def evaluate_split(
     models: Matcher | list[Matcher],
-    split: PrecompSplit,
+    split: PrecompSplit | RawImageSplit,
     protocol: str = "1k",
     batch_size: int = 128,
     memory_budget: int | None = None,

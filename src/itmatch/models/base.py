@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from itmatch.errors import InputError
+from itmatch.models.layers import parameter_signature
 
 
 @dataclass
@@ -91,16 +92,45 @@ class Matcher(nn.Module):
     # The encoding key holding one unit vector per item whose dot products rank pairs: what a
     # first retrieval stage searches (None: the model has no such vector).
     embedding_key: ClassVar[str | None] = None
+    # Set by every model from its `text` config (itmatch.models.text.build_text_encoder).
+    text_encoder: nn.Module
 
     def __init__(self, config) -> None:
         super().__init__()
         self.config = config
         self.vocab = None  # the Vocabulary the word ids refer to (set by training / loading)
         self.run_config = None  # the RunConfig (preset, training settings) it was built from
+        # The pixels -> regions image encoder of end-to-end training on raw images (set by
+        # build_model from RunConfig.backbone); None when the model reads region features.
+        self.backbone = None
 
     @property
     def device(self) -> torch.device:
         return next(self.parameters()).device
+
+    @property
+    def tokenizer(self):
+        """What turns caption strings into the token ids `encode_texts` reads: a pretrained text
+        encoder's own tokenizer, else the word vocabulary (`vocab`); both have encode(caption),
+        encode_batch(captions) and unk_rate(captions)."""
+        own = self.text_encoder.tokenizer
+        if own is None and self.vocab is None:
+            raise InputError("the model has no vocabulary: load it from an itmatch checkpoint that has one")
+        return own if own is not None else self.vocab
+
+    def tokenize(self, captions: list[str]) -> tuple[Tensor, Tensor]:
+        """Caption strings as (token ids padded with 0, lengths): what `encode_texts` takes."""
+        return self.tokenizer.encode_batch(captions)
+
+    def parameter_groups(self) -> list[dict]:
+        """The optimizer's parameter groups, each with the multiplier `lr_scale` of the learning
+        rate: a pretrained text encoder's weights learn at `text.pretrained_lr_scale` of it."""
+        pretrained = {id(p) for p in self.text_encoder.pretrained_parameters()}
+        groups = [{"params": [p for p in self.parameters() if id(p) not in pretrained], "lr_scale": 1.0}]
+        if pretrained:
+            params = [p for p in self.parameters() if id(p) in pretrained]
+            groups.append({"params": params, "lr_scale": self.config.text.pretrained_lr_scale})
+        return groups
 
     def adjacency_spec(self) -> tuple[int, bool] | None:
         """(neighbours per direction, self loops) of the region graph the model reads, if any."""
@@ -153,19 +183,39 @@ class Matcher(nn.Module):
         image_sizes: Tensor | None = None,
         precision: str = "fp32",
     ) -> Tensor:
-        """The (n_images, n_captions) score matrix of region features and token-id captions.
+        """The (n_images, n_captions) score matrix of region features (pixels for a model with
+        a backbone) and token-id captions.
 
         For models that read the region graph, `adjacency` is derived from `boxes` and
         `image_sizes` (w, h) when it is not given. `precision`: "fp32", "bf16" or "fp16" scoring.
         """
-        if self.needs_adjacency and adjacency is None:
+        if self.needs_adjacency and adjacency is None and self.backbone is None:
             adjacency = self._adjacency_from_boxes(images, boxes, image_sizes)
-        encoded = self.encode_images(images, adjacency), self.encode_texts(captions, lengths)
+        encoded = self.encode_image_input(images, adjacency), self.encode_texts(captions, lengths)
         return self.score(*encoded, precision=precision)
 
-    def forward(self, features: Tensor, tokens: Tensor, lengths: Tensor, adjacency: Tensor | None = None) -> Tensor:
+    def forward(self, images: Tensor, tokens: Tensor, lengths: Tensor, adjacency: Tensor | None = None) -> Tensor:
         """The score matrix of a batch: what training calls (and DistributedDataParallel wraps)."""
-        return self.score(self.encode_images(features, adjacency), self.encode_texts(tokens, lengths))
+        return self.score(self.encode_image_input(images, adjacency), self.encode_texts(tokens, lengths))
+
+    def encode_image_input(self, images: Tensor, adjacency: Tensor | None = None) -> Encoded:
+        """`encode_pixels` for a model with a backbone, else `encode_images` of region features."""
+        return self.encode_images(images, adjacency) if self.backbone is None else self.encode_pixels(images)
+
+    def encode_pixels(self, pixels: Tensor) -> Encoded:
+        """Images as pixels (n, 3, S, S), uint8 or [0, 1], through the backbone into `encode_images`;
+        models that read the region graph get the graph of the backbone's grid cells."""
+        if self.backbone is None:
+            raise InputError(f"this {self.architecture} model reads region features, not pixels: it has no backbone")
+        size = self.backbone.config.image_size
+        if not torch.is_tensor(pixels) or pixels.dim() != 4 or tuple(pixels.shape[1:]) != (3, size, size):
+            raise InputError(f"pixels must be a tensor (n_images, 3, {size}, {size}), got {_describe(pixels)}")
+        features = self.backbone(pixels)
+        adjacency = None
+        if self.needs_adjacency:  # the same grid, hence the same graph, for every image
+            grid = self._adjacency_from_boxes(features[:1], self.backbone.grid_boxes()[None], [[size, size]])
+            adjacency = grid.to(features.device).expand(len(features), -1, -1)
+        return self.encode_images(features, adjacency)
 
     # -- input checks shared by the subclasses ---------------------------------------------------
     def _check_features(self, features: Tensor, feature_dim: int, n_regions: int | None) -> Tensor:
@@ -185,7 +235,7 @@ class Matcher(nn.Module):
             raise InputError(f"image features contain NaN or inf (images {bad[:10]})")
         return features.to(self.device, torch.float32)
 
-    def _check_tokens(self, tokens: Tensor, lengths: Tensor, vocab_size: int) -> tuple[Tensor, Tensor]:
+    def _check_tokens(self, tokens: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
         if not torch.is_tensor(tokens) or tokens.dim() != 2 or tokens.dtype not in (torch.int64, torch.int32):
             raise InputError(f"captions must be an integer tensor (n_captions, max_length), got {_describe(tokens)}")
         lengths = torch.as_tensor(lengths, dtype=torch.int64).flatten()
@@ -193,8 +243,10 @@ class Matcher(nn.Module):
             raise InputError(f"{tokens.shape[0]} captions but {lengths.shape[0]} lengths")
         if len(lengths) and (lengths.min() < 1 or lengths.max() > tokens.shape[1]):
             raise InputError(f"caption lengths must be within 1..{tokens.shape[1]}, got {lengths.tolist()[:10]}")
+        own = self.text_encoder.tokenizer  # a pretrained encoder's, else the word vocabulary
+        vocab_size, source = (len(own), "tokenizer") if own is not None else (self.config.vocab_size, "vocabulary")
         if tokens.numel() and (tokens.min() < 0 or tokens.max() >= vocab_size):
-            raise InputError(f"word ids must be within 0..{vocab_size - 1} (the model's vocabulary)")
+            raise InputError(f"word ids must be within 0..{vocab_size - 1} (the model's {source})")
         return tokens.to(self.device, torch.int64), lengths
 
     def _adjacency_from_boxes(self, images: Tensor, boxes, image_sizes) -> Tensor:
@@ -284,7 +336,7 @@ class CrossAttentionMatcher(Matcher):
         """`pair_scores` in `precision` (on a copy of the model in that type, cached and remade
         when the weights change), optionally compiled."""
         dtype = precision_dtype(precision)
-        weights = () if dtype is None else tuple((p.data_ptr(), p._version) for p in self.parameters())
+        weights = () if dtype is None else parameter_signature(self.parameters())
         cache = _SCORERS.setdefault(self, {})
         if (precision, compile) not in cache or cache[precision, compile][0] != weights:
             module = self if dtype is None else copy.deepcopy(self).to(dtype).eval()

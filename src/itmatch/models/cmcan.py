@@ -31,7 +31,7 @@ from itmatch.models.layers import (
     xavier_init,
 )
 from itmatch.models.registry import register
-from itmatch.models.text import GRUTextConfig, GRUTextEncoder
+from itmatch.models.text import TextConfig, build_text_encoder
 
 
 @dataclass
@@ -75,7 +75,7 @@ class CMCANConfig:
     embed_size: int = 1024
     sim_dim: int = 256
     image_norm: bool = True
-    text: GRUTextConfig = field(default_factory=lambda: GRUTextConfig(dropout=0.4))
+    text: TextConfig = field(default_factory=lambda: TextConfig(dropout=0.4))
     # Dropout inside the global attention pooling of both modalities.
     pool_dropout: float = 0.4
     # The official visual pooling applies BatchNorm1d over region slots and over the mean vector.
@@ -117,7 +117,7 @@ class CMCAN(CrossAttentionMatcher):
         super().__init__(config)
         dim, sim_dim, n_regions = config.embed_size, config.sim_dim, config.n_regions
         self.image_proj = nn.Linear(config.img_dim, dim)
-        self.text_encoder = GRUTextEncoder(config.vocab_size, dim, config.text)
+        self.text_encoder = build_text_encoder(config.text, config.vocab_size, dim)
         self.image_pool = AttentionPool(dim, config.pool_dropout, n_regions if config.visual_pool_batchnorm else None)
         self.text_pool = AttentionPool(dim, config.pool_dropout)
         self.word_align = SimilarityVector(dim, sim_dim, config.sim_vector)
@@ -176,7 +176,7 @@ class CMCAN(CrossAttentionMatcher):
 
     # -- per caption ---------------------------------------------------------------------------
     def encode_texts(self, tokens: Tensor, lengths: Tensor) -> Encoded:
-        tokens, lengths = self._check_tokens(tokens, lengths, self.config.vocab_size)
+        tokens, lengths = self._check_tokens(tokens, lengths)
         words, mask, _ = self.text_encoder(tokens, lengths)
         return Encoded(
             {"words": words, "mask": mask, "global": l2norm(self.text_pool(words, mask))},
@@ -236,6 +236,20 @@ class CMCAN(CrossAttentionMatcher):
             "visual_graph_out": visual_out,
             "logits": logits,
             "scores": torch.sigmoid(logits),
+        }
+
+    @torch.no_grad()
+    def explain(self, images: Encoded, texts: Encoded) -> dict[str, Tensor]:
+        """Why images[p] and texts[p] match, for each pair p: `score` (pairs,), each region's
+        matching confidence `region_confidence` (pairs, R), and `word_attention` (pairs, L, R),
+        each word's attention weights over the regions (rows of padding positions are 0)."""
+        if len(images) != len(texts):
+            raise InputError(f"explain takes pairs: {len(images)} images but {len(texts)} texts")
+        stages = self.pair_stages(images.tensors, texts.tensors)
+        return {
+            "score": stages["scores"],
+            "region_confidence": stages["region_confidence"],
+            "word_attention": stages["word_weights"] * texts["mask"][..., None],
         }
 
     @staticmethod

@@ -7,6 +7,7 @@ import importlib
 import pkgutil
 
 from itmatch.errors import ConfigError
+from itmatch.models.backbones import build_backbone
 
 _ARCHITECTURES: dict[str, type] = {}
 
@@ -46,7 +47,10 @@ def create_model(architecture: str, model_config):
 
 
 def build_model(run_config):
-    """The untrained model of a RunConfig, remembering the config it was built from."""
+    """The untrained model of a RunConfig (with its image backbone, if any), remembering the
+    config it was built from."""
     model = create_model(run_config.architecture, run_config.model)
+    if run_config.backbone is not None:
+        model.backbone = build_backbone(run_config.backbone)
     model.run_config = run_config
     return model

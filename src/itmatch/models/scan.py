@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from itmatch.models.base import CrossAttentionMatcher, Encoded
 from itmatch.models.layers import CrossAttentionConfig, attention_weights, l2norm, xavier_init
 from itmatch.models.registry import register
-from itmatch.models.text import GRUTextConfig, GRUTextEncoder
+from itmatch.models.text import TextConfig, build_text_encoder
 
 
 @dataclass
@@ -35,7 +35,7 @@ class SCANConfig:
     # l2-normalise each projected region (the official default; --no_imgnorm turns it off).
     image_norm: bool = True
     # The README trains with --bi_gru; SCAN's text encoder has no dropout.
-    text: GRUTextConfig = field(default_factory=GRUTextConfig)
+    text: TextConfig = field(default_factory=TextConfig)
     # --cross_attn: "t2i" words attend to regions, "i2t" regions attend to words.
     direction: Literal["t2i", "i2t"] = "t2i"
     # temperature = --lambda_softmax; --raw_feature_norm as (activation, normalization) over the
@@ -59,7 +59,7 @@ class SCAN(CrossAttentionMatcher):
     def __init__(self, config: SCANConfig):
         super().__init__(config)
         self.image_proj = nn.Linear(config.img_dim, config.embed_size)
-        self.text_encoder = GRUTextEncoder(config.vocab_size, config.embed_size, config.text)
+        self.text_encoder = build_text_encoder(config.text, config.vocab_size, config.embed_size)
         xavier_init(self.image_proj)
 
     # -- per image / per caption ---------------------------------------------------------------
@@ -71,7 +71,7 @@ class SCAN(CrossAttentionMatcher):
         return Encoded({"regions": regions, "gram": regions @ regions.transpose(1, 2)})
 
     def encode_texts(self, tokens: Tensor, lengths: Tensor) -> Encoded:
-        tokens, lengths = self._check_tokens(tokens, lengths, self.config.vocab_size)
+        tokens, lengths = self._check_tokens(tokens, lengths)
         words, mask, _ = self.text_encoder(tokens, lengths)
         return Encoded({"words": words, "mask": mask}, padded=frozenset({"words", "mask"}))
 

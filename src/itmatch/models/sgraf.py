@@ -47,7 +47,7 @@ from itmatch.models.layers import (
     xavier_init,
 )
 from itmatch.models.registry import register
-from itmatch.models.text import GRUTextConfig, GRUTextEncoder
+from itmatch.models.text import TextConfig, build_text_encoder
 
 
 @dataclass
@@ -59,7 +59,7 @@ class SGRAFConfig:
     sim_dim: int = 256
     image_norm: bool = True  # official --no_imgnorm off
     # Official EncoderText: BiGRU (directions averaged), Dropout(0.4) on the word embeddings.
-    text: GRUTextConfig = field(default_factory=lambda: GRUTextConfig(dropout=0.4))
+    text: TextConfig = field(default_factory=lambda: TextConfig(dropout=0.4))
     # "SGR": graph reasoning over the similarity vectors; "SAF": attention filtration.
     module: Literal["SGR", "SAF"] = "SGR"
     sgr_steps: int = 3  # official --sgr_step
@@ -91,7 +91,7 @@ class SGRAF(CrossAttentionMatcher):
         super().__init__(config)
         dim, sim_dim = config.embed_size, config.sim_dim
         self.image_proj = nn.Linear(config.img_dim, dim)
-        self.text_encoder = GRUTextEncoder(config.vocab_size, dim, config.text)
+        self.text_encoder = build_text_encoder(config.text, config.vocab_size, dim)
         self.image_pool = AttentionPool(
             dim, config.pool_dropout, config.n_regions if config.visual_pool_batchnorm else None
         )
@@ -118,7 +118,7 @@ class SGRAF(CrossAttentionMatcher):
 
     # -- per caption ---------------------------------------------------------------------------
     def encode_texts(self, tokens: Tensor, lengths: Tensor) -> Encoded:
-        tokens, lengths = self._check_tokens(tokens, lengths, self.config.vocab_size)
+        tokens, lengths = self._check_tokens(tokens, lengths)
         words, mask, _ = self.text_encoder(tokens, lengths)
         return Encoded(
             {"words": words, "mask": mask, "global": l2norm(self.text_pool(words, mask))},

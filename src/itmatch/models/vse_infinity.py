@@ -31,7 +31,7 @@ from itmatch.errors import ConfigError
 from itmatch.models.base import EmbeddingMatcher, Encoded, word_mask
 from itmatch.models.layers import l2norm, xavier_init
 from itmatch.models.registry import register
-from itmatch.models.text import GRUTextConfig, GRUTextEncoder, float32_rnn
+from itmatch.models.text import TextConfig, build_text_encoder, float32_rnn
 
 
 @dataclass
@@ -85,7 +85,7 @@ class VSEInfinityConfig:
     mask_token: bool = True
     # The official text encoder: a 1-layer BiGRU with hidden size embed_size over 300-d word
     # embeddings, directions averaged, word vectors not normalised before pooling.
-    text: GRUTextConfig = field(default_factory=lambda: GRUTextConfig(bidirectional=True, normalize=False))
+    text: TextConfig = field(default_factory=lambda: TextConfig(bidirectional=True, normalize=False))
 
     def __post_init__(self) -> None:
         for name in ("region_drop", "word_augment"):
@@ -195,8 +195,10 @@ class VSEInfinity(EmbeddingMatcher):
             self.image_mlp = RegionMLP(config.img_dim, hidden, config.embed_size, config.mlp_layers)
         self.image_pool = GPO(config.image_pool)
         n_words = config.vocab_size + (1 if config.mask_token else 0)
-        self.text_encoder = GRUTextEncoder(n_words, config.embed_size, config.text)
+        self.text_encoder = build_text_encoder(config.text, n_words, config.embed_size)
         self.text_pool = GPO(config.text_pool)
+        if config.word_augment > 0 and config.word_mask_share > 0 and self._augment_ids()[0] is None:
+            raise ConfigError(f"model.word_mask_share > 0 needs a mask token; {config.text.encoder} has none")
 
     # -- images ------------------------------------------------------------------------------------
     def encode_images(self, features: Tensor, adjacency: Tensor | None = None) -> Encoded:
@@ -227,7 +229,7 @@ class VSEInfinity(EmbeddingMatcher):
     # -- texts -------------------------------------------------------------------------------------
     def encode_texts(self, tokens: Tensor, lengths: Tensor) -> Encoded:
         config = self.config
-        tokens, lengths = self._check_tokens(tokens, lengths, config.vocab_size)
+        tokens, lengths = self._check_tokens(tokens, lengths)
         if self.training and config.word_augment > 0:
             tokens, lengths = self.augment_words(tokens, lengths)
         words, mask, _ = self.text_encoder(tokens, lengths)
@@ -245,9 +247,9 @@ class VSEInfinity(EmbeddingMatcher):
         to_mask = picked & (share < config.word_mask_share)
         to_random = picked & ~to_mask & (share < config.word_mask_share + config.word_random_share)
         to_delete = picked & ~to_mask & ~to_random
-        n_words = self.text_encoder.embed.num_embeddings  # random ids may be any word, <mask> included
-        tokens = torch.where(to_mask, config.vocab_size, tokens)
-        tokens = torch.where(to_random, torch.randint_like(tokens, n_words), tokens)
+        mask_id, n_ids = self._augment_ids()
+        tokens = torch.where(to_mask, mask_id, tokens)
+        tokens = torch.where(to_random, torch.randint_like(tokens, n_ids), tokens)
         kept = valid & ~to_delete
         kept = torch.where(kept.any(1, keepdim=True), kept, valid)  # never delete a whole caption
         # A stable sort of "deleted or padding" moves the kept words to the front, in order.
@@ -255,3 +257,11 @@ class VSEInfinity(EmbeddingMatcher):
         new_lengths = kept.sum(1)
         tokens = tokens.gather(1, order).masked_fill(~word_mask(new_lengths, tokens.shape[1]), 0)
         return tokens, new_lengths.cpu()
+
+    def _augment_ids(self) -> tuple[int | None, int]:
+        """(the <mask> id, how many ids a random word is drawn from, <mask> included): those of a
+        pretrained encoder's tokenizer, else the word vocabulary plus <mask>."""
+        tokenizer = self.text_encoder.tokenizer
+        if tokenizer is not None:
+            return tokenizer.mask_id, len(tokenizer)
+        return self.config.vocab_size, self.text_encoder.embed.num_embeddings

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from itmatch.models.base import EmbeddingMatcher, Encoded
 from itmatch.models.layers import l2norm, xavier_init
 from itmatch.models.registry import register
-from itmatch.models.text import GRUTextConfig, GRUTextEncoder
+from itmatch.models.text import TextConfig, build_text_encoder
 
 
 @dataclass
@@ -23,7 +23,7 @@ class VSEPPConfig:
     image_pooling: Literal["mean", "max"] = "mean"
     # "last": the GRU's final hidden state (VSE++); "mean": the mean of the word vectors.
     text_pooling: Literal["last", "mean"] = "last"
-    text: GRUTextConfig = field(default_factory=lambda: GRUTextConfig(bidirectional=False, normalize=False))
+    text: TextConfig = field(default_factory=lambda: TextConfig(bidirectional=False, normalize=False))
 
 
 @register
@@ -34,7 +34,7 @@ class VSEPP(EmbeddingMatcher):
     def __init__(self, config: VSEPPConfig):
         super().__init__(config)
         self.image_proj = nn.Linear(config.img_dim, config.embed_size)
-        self.text_encoder = GRUTextEncoder(config.vocab_size, config.embed_size, config.text)
+        self.text_encoder = build_text_encoder(config.text, config.vocab_size, config.embed_size)
         xavier_init(self.image_proj)
 
     def encode_images(self, features: Tensor, adjacency: Tensor | None = None) -> Encoded:
@@ -43,7 +43,7 @@ class VSEPP(EmbeddingMatcher):
         return Encoded({"vector": l2norm(pooled)})
 
     def encode_texts(self, tokens: Tensor, lengths: Tensor) -> Encoded:
-        tokens, lengths = self._check_tokens(tokens, lengths, self.config.vocab_size)
+        tokens, lengths = self._check_tokens(tokens, lengths)
         words, mask, last = self.text_encoder(tokens, lengths)
         if self.config.text_pooling == "mean":
             last = (words * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)

@@ -1,0 +1,56 @@
+"""What `--data` may be: a precomp folder of region features, or a raw-image source (photos and
+captions, itmatch.data.raw). Training, evaluation and the vocabulary open splits through here.
+
+A folder with `{split}_ims.npy` files is a precomp folder even if it also holds a caption CSV; a
+path that is neither reads as a precomp folder, whose errors name the files it lacks.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from itmatch.data.precomp import PrecompSplit, list_splits, read_captions
+from itmatch.data.raw import RawImageSplit, RawSource, source_file
+from itmatch.errors import InputError
+
+
+def is_raw(data: str | Path) -> bool:
+    data = Path(data)
+    return not (data.is_dir() and list_splits(data)) and source_file(data) is not None
+
+
+def split_names(data: str | Path) -> list[str]:
+    return RawSource(data).split_names() if is_raw(data) else list_splits(data)
+
+
+def open_split(
+    data: str | Path, split: str, max_captions: int | None = None, progress: bool = True
+) -> PrecompSplit | RawImageSplit:
+    """A split of region features or of raw images (every image checked; see `skipped`)."""
+    if not is_raw(data):
+        return PrecompSplit(data, split, max_captions=max_captions)
+    opened = RawSource(data).open(split, progress=progress)
+    if max_captions is not None:
+        opened.truncate_captions(max_captions)
+    return opened
+
+
+def split_captions(data: str | Path, split: str) -> list[str]:
+    """A split's captions, without opening its features or images (for the vocabulary)."""
+    if is_raw(data):
+        return RawSource(data).open(split, verify_images=False).captions
+    return read_captions(Path(data) / f"{split}_caps.txt")
+
+
+def check_image_input(split: PrecompSplit | RawImageSplit, model) -> None:
+    """Raw images need a model with a backbone (it reads pixels), region features one without."""
+    if isinstance(split, RawImageSplit) and model.backbone is None:
+        raise InputError(
+            f"{split.source} holds raw images, but this {model.architecture} model reads region features: "
+            "extract them first (`itmatch extract`), or train a model on the raw images"
+        )
+    if isinstance(split, PrecompSplit) and model.backbone is not None:
+        raise InputError(
+            f"{split.data_dir} holds region features, but this model reads pixels through its "
+            f"{model.backbone.config.name} backbone (train without backbone.*, or --set backbone=null)"
+        )
