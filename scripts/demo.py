@@ -75,6 +75,7 @@ def main() -> None:
     print("\n" + format_results(results, title="Synthetic test split (200 images, 1,000 captions)"))
     print("training time: " + ", ".join(f"{name} {m:.1f} min" for name, m in minutes.items()))
     show_queries(OUT / "cmcan-official" / "best.pt")
+    build_search_index(OUT / "cmcan-official" / "best.pt")
 
 
 def chance(n_images: int) -> dict:
@@ -112,6 +113,16 @@ def show_queries(checkpoint: Path) -> None:
         for rank, (score, image) in enumerate(zip(row_scores, row, strict=False), start=1):
             mark = "   <- the image it describes" if image == image_of_query else ""
             print(f"  {rank}. image {image:3d}  score {score:.3f}  {describe(scenes[image])}{mark}")
+
+
+def build_search_index(checkpoint: Path) -> None:
+    """The test split indexed for the search page, and how to open it."""
+    run("index", str(checkpoint), "--data", str(DATA), "--split", "test", "--out", str(OUT / "index"), "--quiet")
+    print(
+        "\nThe search page (CMCAN on the 200 test images, region confidences, word attention on hover):\n"
+        f"  {Path(sys.executable).parent / 'itmatch'} serve {OUT / 'index'}\n"
+        "  then open http://127.0.0.1:8000/"
+    )
 
 
 if __name__ == "__main__":

@@ -1,0 +1,187 @@
+"""The search service: JSON endpoints over one index, the index's pictures, and the web page, all
+served by one FastAPI app (`itmatch serve`). The OpenAPI schema is at /openapi.json, its
+interactive form at /docs.
+
+Every error is a JSON body {"error": message} with a 4xx status: 422 for a request outside the
+limits or of the wrong type, 400 for a request the index cannot answer (an unknown image, an
+explanation from a model that has none), 404 for an unknown path. Pictures are looked up by image
+number only, so no file outside the index folder can be reached.
+"""
+
+from __future__ import annotations
+
+import threading
+from importlib import resources
+from typing import Annotated
+
+from fastapi import FastAPI, HTTPException, Path, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
+from pydantic import BaseModel
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from itmatch.errors import ItmatchError
+from itmatch.service.index import SearchIndex
+from itmatch.service.search import can_explain, explain_match, search_by_image, search_by_text
+
+MAX_TEXT_LENGTH = 300  # characters of a sentence: captions are far shorter
+MAX_K = 100
+MAX_RERANK_K = 1000
+
+
+class ErrorMessage(BaseModel):
+    error: str
+
+
+class Limits(BaseModel):
+    max_text_length: int
+    max_k: int
+    max_rerank_k: int
+
+
+class IndexInfo(BaseModel):
+    images: int
+    captions: int
+    architecture: str
+    preset: str
+    explains: bool
+    first_stage: bool
+    default_rerank_k: int | None
+    limits: Limits
+
+
+class ImageHit(BaseModel):
+    rank: int
+    image: int
+    id: str
+    score: float
+
+
+class TextSearch(BaseModel):
+    query: str
+    k: int
+    rerank_k: int | None
+    results: list[ImageHit]
+
+
+class CaptionHit(BaseModel):
+    rank: int
+    caption: int
+    text: str
+    image: int
+    score: float
+
+
+class ImageSearch(BaseModel):
+    image: int
+    id: str
+    k: int
+    rerank_k: int | None
+    results: list[CaptionHit]
+
+
+class Region(BaseModel):
+    box: list[float] | None  # x1, y1, x2, y2 as fractions of the picture; None: unknown
+    confidence: float
+
+
+class Word(BaseModel):
+    word: str
+    known: bool  # in the model's vocabulary
+    attention: list[float]  # over the regions, in their order
+
+
+class Explanation(BaseModel):
+    image: int
+    id: str
+    text: str
+    score: float
+    regions: list[Region]
+    words: list[Word]
+
+
+ERRORS = {status: {"model": ErrorMessage} for status in (400, 404, 422)}
+Text = Annotated[str, Query(min_length=1, max_length=MAX_TEXT_LENGTH, description="a sentence")]
+TopK = Annotated[int, Query(ge=1, le=MAX_K, description="number of results")]
+RerankK = Annotated[
+    int | None, Query(ge=1, le=MAX_RERANK_K, description="score only the first stage's top K (default: the server's)")
+]
+ImageNumber = Annotated[int, Query(ge=0, description="image number in the index")]
+
+
+def create_app(index: SearchIndex, default_rerank_k: int | None = None) -> FastAPI:
+    app = FastAPI(title="itmatch search", description="Image-text search over an itmatch index.", version="1")
+    # One query at a time on the model: a single call already keeps every core busy.
+    model_lock = threading.Lock()
+    page = resources.files("itmatch.service").joinpath("static/index.html").read_text(encoding="utf-8")
+
+    def rerank_k_or_default(rerank_k: int | None) -> int | None:
+        return default_rerank_k if rerank_k is None else rerank_k
+
+    @app.exception_handler(ItmatchError)
+    def bad_request(request: Request, error: ItmatchError) -> JSONResponse:
+        return JSONResponse({"error": str(error)}, status_code=400)
+
+    @app.exception_handler(StarletteHTTPException)
+    def http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
+        return JSONResponse({"error": str(error.detail)}, status_code=error.status_code)
+
+    @app.exception_handler(RequestValidationError)
+    def invalid_request(request: Request, error: RequestValidationError) -> JSONResponse:
+        problems = [f"{'.'.join(str(part) for part in e['loc'][1:])}: {e['msg']}" for e in error.errors()]
+        return JSONResponse({"error": "; ".join(problems)}, status_code=422)
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    def web_page() -> str:
+        return page
+
+    @app.get("/api/info", response_model=IndexInfo)
+    def info() -> dict:
+        """What the index holds, and the limits of the other endpoints."""
+        model = index.model
+        return {
+            "images": index.n_images,
+            "captions": len(index.gallery.captions),
+            "architecture": model.architecture,
+            "preset": model.run_config.preset,
+            "explains": can_explain(index),
+            "first_stage": bool(index.first_stage),
+            "default_rerank_k": default_rerank_k,
+            "limits": {"max_text_length": MAX_TEXT_LENGTH, "max_k": MAX_K, "max_rerank_k": MAX_RERANK_K},
+        }
+
+    @app.get("/api/search/text", response_model=TextSearch, responses=ERRORS)
+    def search_text(q: Text, k: TopK = 10, rerank_k: RerankK = None) -> dict:
+        """The indexed images that best match a sentence, best first."""
+        with model_lock:
+            return search_by_text(index, q, k, rerank_k_or_default(rerank_k))
+
+    @app.get("/api/search/image", response_model=ImageSearch, responses=ERRORS)
+    def search_image(image: ImageNumber, k: TopK = 10, rerank_k: RerankK = None) -> dict:
+        """The indexed captions that best describe an indexed image, best first."""
+        with model_lock:
+            return search_by_image(index, image, k, rerank_k_or_default(rerank_k))
+
+    @app.get("/api/explain", response_model=Explanation, responses=ERRORS)
+    def explain(image: ImageNumber, text: Text) -> dict:
+        """Why an image and a sentence match: each region's confidence, each word's attention."""
+        with model_lock:
+            return explain_match(index, image, text)
+
+    @app.get("/api/images/{image}/thumbnail", response_class=FileResponse, responses=ERRORS)
+    def thumbnail(image: Annotated[int, Path(ge=0, description="image number in the index")]) -> FileResponse:
+        """The picture of an indexed image (JPEG, longest side 384 pixels)."""
+        if image >= index.n_images:
+            raise HTTPException(404, f"no image {image} in the index: it has {index.n_images} images")
+        return FileResponse(index.picture_path(image), media_type="image/jpeg")
+
+    return app
+
+
+def serve(folder, host: str = "127.0.0.1", port: int = 8000, rerank_k: int | None = None) -> None:
+    """Runs the service on an index folder until interrupted."""
+    import uvicorn
+
+    index = SearchIndex.open(folder)
+    print(f"itmatch search: {index.n_images:,} images; open http://{host}:{port}/ (Ctrl+C stops)", flush=True)
+    uvicorn.run(create_app(index, rerank_k), host=host, port=port, log_level="warning")

@@ -1,0 +1,298 @@
+"""A search index: the images of one or more precomp splits, and their captions, encoded once by
+one model, with faiss first-stage indexes and the pictures the web page shows.
+
+An index folder holds `model.pt` (a copy of the checkpoint), `index.pt` (the encodings, region
+boxes, faiss indexes, captions and where each image came from) and `pictures/{n}.jpg`. `index.pt`
+is rewritten atomically as a whole, so an interrupted `itmatch index` leaves the previous index
+intact; running it again on a grown data folder, or on another split, encodes only the images that
+are not in the index yet (an image is known by its data folder, split and id).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import faiss
+import numpy as np
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from itmatch.checkpoint import load_checkpoint
+from itmatch.data.precomp import PrecompSplit, read_captions
+from itmatch.errors import CheckpointError, DataError, InputError
+from itmatch.evaluation.runner import encode_split
+from itmatch.files import atomic_write
+from itmatch.models.base import Encoded, Matcher
+from itmatch.retrieval import embeddings, encode_queries
+from itmatch.service.render import blank_picture, draw_scene, read_photo, save_picture
+
+FORMAT = "itmatch-index"
+VERSION = 1
+INDEX_FILE = "index.pt"
+MODEL_FILE = "model.pt"
+PICTURES = "pictures"
+# Optional files beside a split: one photo path per image (relative to the data folder, or
+# absolute), and the synthetic generator's scene descriptions.
+PHOTO_PATHS = "{split}_paths.txt"
+SCENES = "{split}_scenes.jsonl"
+# Synthetic scenes without a sizes file are drawn at this (w, h).
+DEFAULT_SIZE = (640, 480)
+
+
+@dataclass
+class Gallery:
+    """Images and their captions, encoded, with where each image came from."""
+
+    images: list[dict]  # per image: {"source": number in SearchIndex.sources, "id", "path": photo or None}
+    captions: list[str]
+    caption_image: Tensor  # (n_captions,) the image each caption was written for
+    boxes: Tensor  # (n_images, regions, 4) x1, y1, x2, y2 as fractions of the image; NaN: unknown
+    encoded_images: Encoded
+    encoded_texts: Encoded
+
+    def __add__(self, other: Gallery) -> Gallery:
+        return Gallery(
+            self.images + other.images,
+            self.captions + other.captions,
+            torch.cat([self.caption_image, other.caption_image + len(self.images)]),
+            torch.cat([self.boxes, other.boxes]),
+            Encoded.cat([self.encoded_images, other.encoded_images]),
+            Encoded.cat([self.encoded_texts, other.encoded_texts]),
+        )
+
+
+@dataclass
+class SearchIndex:
+    """An index folder opened: its model, its gallery and the first-stage indexes."""
+
+    folder: Path
+    model: Matcher
+    checkpoint_sha256: str
+    sources: list[dict]  # {"data": absolute data folder, "split"}
+    gallery: Gallery | None  # None only while a new index receives its first images
+    # faiss indexes of the model's embeddings, "images" and "captions"; empty for models without.
+    first_stage: dict[str, faiss.Index]
+
+    @property
+    def n_images(self) -> int:
+        return 0 if self.gallery is None else len(self.gallery.images)
+
+    def picture_path(self, image: int) -> Path:
+        return self.folder / PICTURES / f"{image}.jpg"
+
+    @classmethod
+    def open(cls, folder: str | Path, device: torch.device | str | None = None) -> SearchIndex:
+        """The index in `folder`, its model on `device` (default: CUDA if present)."""
+        folder = Path(folder)
+        payload = _read_index_file(folder / INDEX_FILE)
+        model = load_checkpoint(folder / MODEL_FILE, device)
+        gallery = Gallery(
+            payload["images"],
+            payload["captions"],
+            payload["caption_image"],
+            payload["boxes"],
+            _decode_encoded(payload["encoded_images"]).to(model.device),
+            _decode_encoded(payload["encoded_texts"]).to(model.device),
+        )
+        first_stage = {name: faiss.deserialize_index(data.numpy()) for name, data in payload["first_stage"].items()}
+        return cls(folder, model, payload["checkpoint_sha256"], payload["sources"], gallery, first_stage)
+
+    @classmethod
+    def create(cls, folder: Path, checkpoint: Path, checksum: str, device=None) -> SearchIndex:
+        """A new, empty index of `checkpoint` in `folder` (the checkpoint is copied into it)."""
+        model = load_checkpoint(checkpoint, device)
+        try:  # searching needs a model that reads text: find out before indexing anything
+            with torch.no_grad():
+                encode_queries(model, ["a"])
+        except InputError as error:
+            raise CheckpointError(checkpoint, f"cannot be searched by text: {error}") from None
+        leftovers = {p.name for p in folder.iterdir()} - {MODEL_FILE, PICTURES} if folder.is_dir() else set()
+        if leftovers:
+            raise DataError(folder, f"is not an itmatch index (no {INDEX_FILE}) and not empty; choose a new folder")
+        folder.mkdir(parents=True, exist_ok=True)
+        with open(checkpoint, "rb") as source:
+            atomic_write(folder / MODEL_FILE, lambda file: shutil.copyfileobj(source, file))
+        return cls(folder, model, checksum, [], None, {})
+
+    def add(self, source: dict, part: Gallery) -> None:
+        """Appends images (and their captions) of `source`; their pictures must be written already."""
+        if source not in self.sources:
+            self.sources.append(source)
+        self.gallery = part if self.gallery is None else self.gallery + part
+        if self.model.embedding_key is None:
+            return
+        for name, encoded in (("images", part.encoded_images), ("captions", part.encoded_texts)):
+            vectors = embeddings(self.model, encoded).numpy()
+            self.first_stage.setdefault(name, faiss.IndexFlatIP(vectors.shape[1])).add(vectors)
+
+    def save(self) -> None:
+        gallery = self.gallery
+        payload = {
+            "format": FORMAT,
+            "version": VERSION,
+            "checkpoint_sha256": self.checkpoint_sha256,
+            "sources": self.sources,
+            "images": gallery.images,
+            "captions": gallery.captions,
+            "caption_image": gallery.caption_image,
+            "boxes": gallery.boxes,
+            "encoded_images": _encode_encoded(gallery.encoded_images),
+            "encoded_texts": _encode_encoded(gallery.encoded_texts),
+            "first_stage": {
+                name: torch.from_numpy(faiss.serialize_index(index)) for name, index in self.first_stage.items()
+            },
+        }
+        atomic_write(self.folder / INDEX_FILE, lambda file: torch.save(payload, file))
+
+
+def build_index(
+    checkpoint: str | Path,
+    data_dir: str | Path,
+    split_name: str,
+    folder: str | Path,
+    batch_size: int = 128,
+    progress: bool = True,
+    device: torch.device | str | None = None,
+) -> tuple[SearchIndex, int]:
+    """Adds the images of `data_dir`'s split that `folder`'s index lacks (creating the index);
+    returns the index and the number of images added."""
+    split = PrecompSplit(data_dir, split_name)
+    index = _open_or_create(Path(folder), Path(checkpoint), device)
+    if index.gallery is not None and index.gallery.boxes.shape[1] != split.n_regions:
+        raise DataError(
+            split.features_path,
+            f"has {split.n_regions} regions per image, the indexed images {index.gallery.boxes.shape[1]}",
+        )
+    source = {"data": str(Path(data_dir).resolve()), "split": split_name}
+    number = index.sources.index(source) if source in index.sources else len(index.sources)
+    known = {image["id"] for image in (index.gallery.images if index.gallery else []) if image["source"] == number}
+    rows = [row for row, image_id in enumerate(_image_ids(split)) if image_id not in known]
+    if rows:
+        photos, scenes = _photo_paths(split), _scenes(split)  # checked before the long work
+        part = _encode_gallery(index.model, split, rows, number, photos, batch_size, progress)
+        _write_pictures(split, rows, part, scenes, index, progress)
+        index.add(source, part)
+        index.save()
+    return index, len(rows)
+
+
+def _open_or_create(folder: Path, checkpoint: Path, device) -> SearchIndex:
+    """The index in `folder` if it is one (of the same checkpoint), else a new one."""
+    checksum = _sha256(checkpoint)
+    if not (folder / INDEX_FILE).exists():
+        return SearchIndex.create(folder, checkpoint, checksum, device)
+    index = SearchIndex.open(folder, device)
+    if index.checkpoint_sha256 != checksum:
+        raise DataError(
+            folder / INDEX_FILE, f"was built with another checkpoint than {checkpoint}; index it into a new folder"
+        )
+    return index
+
+
+def _encode_gallery(
+    model: Matcher, split: PrecompSplit, rows: list[int], source: int, photos: list[Path] | None, batch_size, progress
+) -> Gallery:
+    try:
+        images, texts = encode_split(model, split, batch_size, progress=progress, rows=rows)
+    except InputError as error:  # the features do not fit the model: name the file
+        raise DataError(split.features_path, f"does not fit the model: {error}") from None
+    per_image, ids = split.captions_per_image, _image_ids(split)
+    return Gallery(
+        images=[
+            {"source": source, "id": ids[row], "path": None if photos is None else str(photos[row])} for row in rows
+        ],
+        captions=[split.captions[row * per_image + j] for row in rows for j in range(per_image)],
+        caption_image=torch.arange(len(rows)).repeat_interleave(per_image),
+        boxes=_normalised_boxes(split, rows),
+        encoded_images=images,
+        encoded_texts=texts,
+    )
+
+
+def _write_pictures(
+    split: PrecompSplit, rows: list[int], part: Gallery, scenes: list[list[dict]] | None, index: SearchIndex, progress
+) -> None:
+    sizes = split.image_sizes if split.sizes_path.exists() else None
+    first = index.n_images
+    for offset, (row, image) in enumerate(
+        tqdm(list(zip(rows, part.images, strict=True)), desc="draw pictures", disable=not progress, leave=False)
+    ):
+        width, height = DEFAULT_SIZE if sizes is None else (int(v) for v in sizes[row])
+        if image["path"] is not None:
+            picture = read_photo(Path(image["path"]))
+        elif scenes is not None:
+            picture = draw_scene(scenes[row], width, height)
+        else:
+            picture = blank_picture(width, height)
+        save_picture(picture, index.picture_path(first + offset))
+
+
+def _image_ids(split: PrecompSplit) -> list[str]:
+    return split.ids if split.ids is not None else [str(row) for row in range(split.n_images)]
+
+
+def _photo_paths(split: PrecompSplit) -> list[Path] | None:
+    path = split.data_dir / PHOTO_PATHS.format(split=split.split)
+    if not path.exists():
+        return None
+    lines = read_captions(path)
+    if len(lines) != split.n_images:
+        raise DataError(path, f"has {len(lines):,} paths for {split.n_images:,} images in {split.features_path.name}")
+    return [split.data_dir.resolve() / line for line in lines]  # an absolute line stays as it is
+
+
+def _scenes(split: PrecompSplit) -> list[list[dict]] | None:
+    path = split.data_dir / SCENES.format(split=split.split)
+    if not path.exists():
+        return None
+    try:
+        scenes = [json.loads(line)["objects"] for line in read_captions(path)]
+    except (json.JSONDecodeError, KeyError, TypeError) as error:
+        raise DataError(path, f"is not a scene description file ({type(error).__name__}: {error})") from None
+    if len(scenes) != split.n_images:
+        raise DataError(path, f"has {len(scenes):,} scenes for {split.n_images:,} images")
+    return scenes
+
+
+def _normalised_boxes(split: PrecompSplit, rows: list[int]) -> Tensor:
+    if not split.has_boxes:
+        return torch.full((len(rows), split.n_regions, 4), float("nan"))
+    boxes = split.boxes[rows] / np.tile(split.image_sizes[rows], 2)[:, None, :]
+    return torch.from_numpy(boxes.astype(np.float32))
+
+
+def _sha256(path: Path) -> str:
+    if not path.is_file():
+        raise CheckpointError(path, "no such file")
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _encode_encoded(encoded: Encoded) -> dict:
+    return {"tensors": {key: value.cpu() for key, value in encoded.tensors.items()}, "padded": sorted(encoded.padded)}
+
+
+def _decode_encoded(stored: dict) -> Encoded:
+    return Encoded(stored["tensors"], frozenset(stored["padded"]))
+
+
+def _read_index_file(path: Path) -> dict:
+    if not path.is_file():
+        raise DataError(path, "no such file: not an itmatch index folder (build one with `itmatch index`)")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises many types for damaged files
+        raise DataError(path, f"is not a readable index ({type(error).__name__}: {error})") from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise DataError(path, f"is not an itmatch index (no 'format: {FORMAT}' entry)")
+    if payload.get("version") != VERSION:
+        raise DataError(path, f"index format version {payload.get('version')} is not supported")
+    return payload
