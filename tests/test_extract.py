@@ -58,6 +58,8 @@ def test_extract_writes_the_precomp_layout_and_resumes_after_a_kill(source, weig
     split = PrecompSplit(out, "train")
     assert split.features.shape == (6, 4, 512) and split.captions_per_image == 5
     assert split.ids == ["p0.jpg", "p1.jpg", "p2.jpg", "p4.jpg", "p5.jpg", "p6.jpg"]
+    photos = (out / "train_paths.txt").read_text().split()  # for the search page
+    assert photos == [str((source / "images" / name).resolve()) for name in split.ids]
     assert split.captions[15] == "caption 0 of p4.jpg"
     assert split.image_sizes[3].tolist() == [90, 60]
     assert split.boxes[3].tolist() == [[0, 0, 45, 30], [45, 0, 90, 30], [0, 30, 45, 60], [45, 30, 90, 60]]

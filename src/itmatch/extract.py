@@ -121,6 +121,6 @@ def _extract_split(
     bar.close()
     sizes = split.image_sizes
     boxes = np.stack([network.grid_boxes(w, h).numpy() for w, h in sizes.tolist()])
-    write_split_files(out, split.split, split.ids, boxes, sizes, split.captions)
+    write_split_files(out, split.split, split.ids, boxes, sizes, split.captions, split.image_paths)
     features.finish()
     log(f"wrote {out / split.split}_ims.npy: {shape[0]:,} images x {shape[1]} regions x {shape[2]}")

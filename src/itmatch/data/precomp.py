@@ -327,9 +327,11 @@ def write_split_files(
     boxes: np.ndarray,
     sizes: np.ndarray,
     captions: list[str] | None = None,
+    photos: list[Path] | None = None,
 ) -> None:
     """The files beside `{split}_ims.npy`: ids, boxes (N, R, 4), (w, h) sizes and, when known,
-    captions (in image order, the same number per image), each written atomically."""
+    captions (in image order, the same number per image) and the photos' absolute paths (which
+    the search page shows), each written atomically."""
     data_dir = Path(data_dir)
 
     def lines(items: list[str]):
@@ -340,3 +342,5 @@ def write_split_files(
     atomic_write(data_dir / f"{split}_ims_size.npy", lambda file: np.save(file, sizes.astype(np.int64)))
     if captions is not None:
         atomic_write(data_dir / f"{split}_caps.txt", lines(captions))
+    if photos is not None:
+        atomic_write(data_dir / f"{split}_paths.txt", lines([str(Path(photo).resolve()) for photo in photos]))
