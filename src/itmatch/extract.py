@@ -26,7 +26,7 @@ from itmatch.data.precomp import write_split_files
 from itmatch.data.raw import PixelTransform, RawImageSplit, RawSource, skip_summary, write_skip_list
 from itmatch.device import default_device
 from itmatch.errors import DataError
-from itmatch.files import ResumableArray, atomic_write
+from itmatch.files import ResumableArray, atomic_write, sha256
 from itmatch.models.backbones import BackboneConfig, GridBackbone, build_backbone, load_weights
 
 SETTINGS_FILE = "extract.json"
@@ -88,11 +88,7 @@ def _claim(out: Path, settings: dict) -> None:
 def _sha256(path: Path) -> str:
     if not path.is_file():
         raise DataError(path, "file not found")
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        for block in iter(lambda: file.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    return sha256(path)
 
 
 @torch.no_grad()

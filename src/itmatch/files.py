@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -65,3 +66,12 @@ class ResumableArray:
         del self.array
         os.replace(self.partial, self.path)
         self.marker.unlink(missing_ok=True)
+
+
+def sha256(path: Path) -> str:
+    """The file's SHA-256, read in 1 MiB blocks (checkpoints and weights are large)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

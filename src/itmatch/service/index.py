@@ -10,7 +10,6 @@ are not in the index yet (an image is known by its data folder, split and id).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 from dataclasses import dataclass
@@ -26,7 +25,7 @@ from itmatch.checkpoint import load_checkpoint
 from itmatch.data.precomp import PrecompSplit, read_captions
 from itmatch.errors import CheckpointError, DataError, InputError
 from itmatch.evaluation.runner import encode_split
-from itmatch.files import atomic_write
+from itmatch.files import atomic_write, sha256
 from itmatch.models.base import Encoded, Matcher
 from itmatch.retrieval import embeddings, encode_queries
 from itmatch.service.render import blank_picture, draw_scene, read_photo, save_picture
@@ -269,11 +268,7 @@ def _normalised_boxes(split: PrecompSplit, rows: list[int]) -> Tensor:
 def _sha256(path: Path) -> str:
     if not path.is_file():
         raise CheckpointError(path, "no such file")
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        for block in iter(lambda: file.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    return sha256(path)
 
 
 def _encode_encoded(encoded: Encoded) -> dict:
