@@ -455,3 +455,12 @@ def test_short_training_beats_chance_by_a_wide_margin(scenes, tmp_path, preset):
     assert metrics["t2i"]["r10"] > 2.5 * chance_t2i_r10, metrics
     assert metrics["rsum"] > 2 * 6 * 100 * 5.5 / N_TEST, metrics  # twice the chance recalls (~66)
     assert dataclasses.asdict(model.config)["module"] == preset.split("-")[1].upper()
+
+
+def test_score_takes_every_option_of_the_common_interface():
+    model = small_model("sgraf-saf").eval()
+    images, tokens, lengths = inputs()
+    with torch.no_grad():
+        encoded = model.encode_images(images), model.encode_texts(tokens, lengths)
+        options = model.score(*encoded, memory_budget=1, progress=False, precision="fp32", compile=False)
+        torch.testing.assert_close(options, model.score(*encoded))

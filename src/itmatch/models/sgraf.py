@@ -141,9 +141,10 @@ class SGRAF(CrossAttentionMatcher):
         memory_budget: int | None = None,
         progress: bool = False,
         precision: str = "fp32",
+        compile: bool = False,
     ) -> Tensor:
         if not (self.training and getattr(self, "filter_norm", None) is not None):
-            return super().score(images, texts, memory_budget, progress, precision)
+            return super().score(images, texts, memory_budget, progress, precision, compile)
         # Training SAF: every tile holds all of the batch's images, so that each caption's
         # BatchNorm statistics span the whole batch as in the official per-caption loop.
         step = max(1, self._pairs_per_tile(images, texts, memory_budget, precision) // max(1, len(images)))
