@@ -176,3 +176,16 @@ def test_unknown_precision_is_refused(model):
     features, tokens, lengths, adjacency = inputs()
     with pytest.raises(InputError, match="precision"):
         model.similarity(features, tokens, lengths, adjacency=adjacency, precision="fp8")
+
+
+def test_compiled_scoring_equals_eager():
+    model = small_model("cmcan-official").eval()  # (compiling costs about a minute here, once)
+    features, tokens, lengths, adjacency = inputs(n_images=5, n_captions=7)
+    pairs = torch.tensor([0, 4, 2, 2]), torch.tensor([6, 0, 3, 5])
+    with torch.no_grad():
+        images, texts = model.encode_images(features, adjacency), model.encode_texts(tokens, lengths)
+        eager = model.score(images, texts, memory_budget=1 << 14)  # several tiles
+        compiled = model.score(images, texts, memory_budget=1 << 14, compile=True)
+        listed = model.score_pair_list(images, texts, *pairs, compile=True)
+    torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=0)
+    torch.testing.assert_close(listed, eager[pairs], atol=1e-5, rtol=0)

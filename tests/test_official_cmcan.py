@@ -109,7 +109,7 @@ def test_pair_stages(model, io):
     images, captions, lengths, adjacency = inputs(io)
     with torch.no_grad():
         views = grid_view(model.encode_images(images, adjacency), model.encode_texts(captions, lengths))
-        stages = model.pair_stages(*views)
+        stages = {key: value.transpose(0, 1) for key, value in model.pair_stages(*views).items()}  # image-major
     close(stages["word_align"], io["stage_word_align"])
     close(stages["global_align"], io["stage_global_align"])
     close(stages["region_confidence"], io["stage_region_confidence"])

@@ -308,9 +308,10 @@ class CrossAttentionMatcher(Matcher):
     """Scores pairs with a network run on each pair.
 
     A subclass implements `pair_scores(images, texts)` on dicts of tensors whose leading "pair"
-    axes broadcast: a grid tile passes images as (n_i, 1, ...) and texts as (1, n_t, ...), a list
-    of pairs passes (n_pairs, ...) on both sides. One function thus scores exhaustive tiles and
-    reranked candidates alike; einsum with `...` keeps the broadcast free (no copies).
+    axes broadcast: a grid tile passes texts as (n_t, 1, ...) and images as (1, n_i, ...) (see
+    `grid_view`), a list of pairs passes (n_pairs, ...) on both sides. One function thus scores
+    exhaustive tiles and reranked candidates alike; einsum with `...` keeps the broadcast free (no
+    copies).
     """
 
     # Working memory of one tile by default: small tiles stay in the CPU's cache, while a GPU needs
@@ -330,7 +331,7 @@ class CrossAttentionMatcher(Matcher):
 
     def score_pairs(self, images: Encoded, texts: Encoded) -> Tensor:
         """Every image of one tile with every text of it: (n_images, n_texts), as training runs it."""
-        return self.pair_scores(*grid_view(images, texts))
+        return self.pair_scores(*grid_view(images, texts)).T
 
     def pair_scorer(self, precision: str = "fp32", compile: bool = False):
         """`pair_scores` in `precision` (on a copy of the model in that type, cached and remade
@@ -358,17 +359,17 @@ class CrossAttentionMatcher(Matcher):
         image_tile = max(1, min(len(images), math.isqrt(pairs)))
         text_tile = max(1, min(len(texts), pairs // image_tile))
         # Texts sorted by length share tiles with texts of about their length: little padding.
+        # Each tile's items are picked (and cast) as the tile needs them, so that working memory
+        # stays within the budget instead of growing with a sorted or cast copy of the whole set.
         order = texts["mask"].sum(1).argsort()
-        images, texts = (
-            images.to(dtype=precision_dtype(precision)),
-            texts.select(order).to(dtype=precision_dtype(precision)),
-        )
+        dtype = precision_dtype(precision)
         scores = torch.empty(len(images), len(texts), device=self.device)  # the only copy of the result
         for i in tqdm(range(0, len(images), image_tile), desc="score pairs", disable=not progress, leave=False):
-            image_part = images.select(slice(i, i + image_tile))
+            image_part = images.select(slice(i, i + image_tile)).to(dtype=dtype)
             for j in range(0, len(texts), text_tile):
-                tile = scorer(*grid_view(image_part, texts.select(slice(j, j + text_tile))))
-                scores[i : i + image_tile, order[j : j + text_tile]] = tile.float()
+                text_part = texts.select(order[j : j + text_tile]).to(dtype=dtype)
+                tile = scorer(*grid_view(image_part, text_part))
+                scores[i : i + image_tile, order[j : j + text_tile]] = tile.T.float()
         return scores
 
     def score_pair_list(
@@ -383,11 +384,14 @@ class CrossAttentionMatcher(Matcher):
     ) -> Tensor:
         scorer = self.pair_scorer(precision, compile)
         chunk = self._pairs_per_tile(images, texts, memory_budget, precision)
-        images, texts = images.to(dtype=precision_dtype(precision)), texts.to(dtype=precision_dtype(precision))
+        dtype = precision_dtype(precision)
         order = texts["mask"].sum(1)[text_index].argsort()  # chunks of pairs with texts of similar length
         image_index, text_index = image_index[order], text_index[order]
         parts = [
-            scorer(images.select(image_index[p : p + chunk]).tensors, texts.select(text_index[p : p + chunk]).tensors)
+            scorer(
+                images.select(image_index[p : p + chunk]).to(dtype=dtype).tensors,
+                texts.select(text_index[p : p + chunk]).to(dtype=dtype).tensors,
+            )
             for p in range(0, len(image_index), chunk)
         ]
         scores = torch.cat(parts).float() if parts else torch.zeros(0, device=self.device)
@@ -407,10 +411,13 @@ _SCORERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def grid_view(images: Encoded, texts: Encoded) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-    """The pair-axis view of every image with every text: images (n_i, 1, ...), texts (1, n_t, ...)."""
+    """The pair-axis view of every image with every text, text-major: images (1, n_i, ...), texts
+    (n_t, 1, ...), so `pair_scores` gives (n_t, n_i). Text-major because the batched products that
+    attend a caption's words for every region then write their (texts, images, regions, D) result
+    in place, where image-major order made a copy of it (regions outnumber words)."""
     return (
-        {key: value.unsqueeze(1) for key, value in images.tensors.items()},
-        {key: value.unsqueeze(0) for key, value in texts.tensors.items()},
+        {key: value.unsqueeze(0) for key, value in images.tensors.items()},
+        {key: value.unsqueeze(1) for key, value in texts.tensors.items()},
     )
 
 

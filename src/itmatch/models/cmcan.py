@@ -195,7 +195,7 @@ class CMCAN(CrossAttentionMatcher):
 
     def pair_stages(self, images: dict[str, Tensor], texts: dict[str, Tensor]) -> dict[str, Tensor]:
         """Every intermediate of the pair scoring, the pair axes first (see `pair_scores`): a grid
-        tile gives image-major (n_images, n_texts, ...) tensors."""
+        tile gives text-major (n_texts, n_images, ...) tensors."""
         regions, words, mask = images["regions"], texts["words"], texts["mask"]
         attention = self.config.attention
 

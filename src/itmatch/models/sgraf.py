@@ -156,7 +156,7 @@ class SGRAF(CrossAttentionMatcher):
 
     def pair_stages(self, images: dict[str, Tensor], texts: dict[str, Tensor]) -> dict[str, Tensor]:
         """Every intermediate of the pair scoring, the pair axes first (see `pair_scores`): a grid
-        tile gives image-major (n_images, n_texts, ...) tensors."""
+        tile gives text-major (n_texts, n_images, ...) tensors."""
         regions, words, mask = images["regions"], texts["words"], texts["mask"]
         attention = self.config.attention
 
@@ -202,7 +202,7 @@ class SGRAF(CrossAttentionMatcher):
 
     def _filter_norm(self, logits: Tensor, node_mask: Tensor) -> Tensor:
         """SAF's BatchNorm1d(1) as the official per-caption loop applies it. Eval: any pair axes;
-        train: a grid tile (n_i, n_t, nodes), as `score` makes in training.
+        train: a grid tile (n_t, n_i, nodes), as `score` makes in training.
 
         Eval: the running statistics. Train: each caption's own statistics over the tile's images
         and its real nodes, and one running-statistics update per caption, in caption order.
@@ -212,11 +212,11 @@ class SGRAF(CrossAttentionMatcher):
             scale = norm.weight / torch.sqrt(norm.running_var + norm.eps)
             return (logits - norm.running_mean) * scale + norm.bias
         weight = node_mask.to(logits.dtype)
-        count = weight.sum((0, 2))
-        mean = (logits * weight).sum((0, 2)) / count
-        centered = logits - mean[None, :, None]
-        variance = (centered.pow(2) * weight).sum((0, 2)) / count
-        out = centered / torch.sqrt(variance[None, :, None] + norm.eps) * norm.weight + norm.bias
+        count = weight.sum((1, 2))
+        mean = (logits * weight).sum((1, 2)) / count
+        centered = logits - mean[:, None, None]
+        variance = (centered.pow(2) * weight).sum((1, 2)) / count
+        out = centered / torch.sqrt(variance[:, None, None] + norm.eps) * norm.weight + norm.bias
         if norm.track_running_stats and norm.running_mean is not None:
             with torch.no_grad():
                 # n sequential updates r <- (1 - m) r + m x_j, in closed form.
