@@ -55,6 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--inverted-softmax", type=float, metavar="TEMP", help="rank by scores / TEMP softmax-normalised over queries"
     )
     evaluate.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"], help="of pair scoring")
+    evaluate.add_argument(
+        "--compile", action="store_true", help="torch.compile the pair scorer: fused kernels, once tens of seconds"
+    )
     evaluate.add_argument("--rerank-k", type=int, metavar="K", help="two stages: score each query's top K only")
     evaluate.add_argument("--first-stage", type=Path, metavar="CKPT", help="embedding model for --rerank-k")
     evaluate.add_argument("--batch-size", type=int, default=128)
@@ -170,6 +173,7 @@ def run_evaluate(args) -> None:
         not args.quiet,
         args.inverted_softmax,
         precision=args.precision,
+        compile=args.compile,
         rerank_k=args.rerank_k,
         first_stage=first_stage,
     )

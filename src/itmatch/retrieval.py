@@ -44,12 +44,15 @@ def two_stage_scores(
     k: int,
     memory_budget: int | None = None,
     precision: str = "fp32",
-) -> tuple[Tensor, Tensor, int]:
-    """Score matrices for ranking both ways after reranking the top k of the first stage.
+    compile: bool = False,
+) -> tuple[Tensor, int]:
+    """The (n_images, n_texts) score matrix for ranking both ways after reranking the top k of the
+    first stage in each direction, and the number of pairs the full model scored.
 
-    Returns (scores ranking captions for each image, scores ranking images for each caption,
-    number of pairs the full model scored). Every reranked candidate ranks above every other item,
-    which keeps its first-stage order, so the usual metrics (R@K, medr, meanr) apply unchanged.
+    The full model scores the union of each caption's top k images and each image's top k
+    captions. Every scored pair ranks above every unscored one, in both directions: a pair scored
+    as a caption's candidate also counts for its image, at no extra cost. Unscored pairs keep
+    their first-stage order, so the usual metrics (R@K, medr, meanr) apply unchanged.
     """
     n_images, n_texts = len(first_images), len(first_texts)
     first = first_images @ first_texts.T
@@ -57,18 +60,14 @@ def two_stage_scores(
     image_candidates = nearest(first_texts, first_images, k)  # captions for each image
     t2i = text_candidates.flatten() * n_texts + torch.arange(n_texts).repeat_interleave(text_candidates.shape[1])
     i2t = torch.arange(n_images).repeat_interleave(image_candidates.shape[1]) * n_texts + image_candidates.flatten()
-    pairs, inverse = torch.unique(torch.cat([t2i, i2t]), return_inverse=True)
+    pairs = torch.unique(torch.cat([t2i, i2t]))
     device = model.device
     full = model.score_pair_list(
-        images, texts, (pairs // n_texts).to(device), (pairs % n_texts).to(device), memory_budget, precision
+        images, texts, (pairs // n_texts).to(device), (pairs % n_texts).to(device), memory_budget, precision, compile
     ).cpu()
-    lift = first.max() - full.min() + 1  # every reranked score above every first-stage score
-    ranked = []
-    for chosen in (inverse[len(t2i) :], inverse[: len(t2i)]):  # i2t candidates, then t2i candidates
-        scores = first.clone()
-        scores.view(-1)[pairs[chosen]] = full[chosen] + lift
-        ranked.append(scores)
-    return ranked[0], ranked[1], len(pairs)
+    scores = first.clone()
+    scores.view(-1)[pairs] = full + (first.max() - full.min() + 1)  # above every first-stage score
+    return scores, len(pairs)
 
 
 @torch.no_grad()

@@ -71,6 +71,7 @@ def evaluate_split(
     inverted_softmax: float | None = None,
     *,
     precision: str = "fp32",
+    compile: bool = False,
     rerank_k: int | None = None,
     first_stage: Matcher | None = None,
 ) -> dict:
@@ -80,7 +81,8 @@ def evaluate_split(
     rows do. `inverted_softmax` (a temperature) normalises each gallery item's scores over the
     queries before ranking, which counters hubs (items close to every query). `rerank_k` scores
     only each query's top k by embedding (the model's own, or those of the `first_stage` model)
-    with the full model. The result records the pairs scored and the seconds spent scoring.
+    with the full model. `precision` and `compile` are those of `Matcher.score`. The result records
+    the pairs scored and the seconds spent scoring.
     """
     if protocol not in PROTOCOLS:
         raise InputError(f"unknown protocol {protocol!r}; choose one of {', '.join(PROTOCOLS)}")
@@ -105,7 +107,7 @@ def evaluate_split(
         fold_codes = [(image_codes.select(images), text_codes.select(texts)) for image_codes, text_codes in encodings]
         if rerank_k is None:
             sims = sum(
-                model.score(*codes, memory_budget, progress, precision).cpu()
+                model.score(*codes, memory_budget, progress, precision, compile).cpu()
                 for model, codes in zip(models, fold_codes, strict=False)
             ) / len(models)
             i2t_sims, t2i_sims = _ranking_scores(sims, inverted_softmax)
@@ -115,10 +117,10 @@ def evaluate_split(
                 (first_stage, fold_codes[1]) if first_stage is not None else (models[0], fold_codes[0])
             )
             first_images, first_texts = (embeddings(stage_model, codes) for codes in stage_codes)
-            i2t_sims, t2i_sims, pairs = two_stage_scores(
-                models[0], *fold_codes[0], first_images, first_texts, rerank_k, memory_budget, precision
+            sims, pairs = two_stage_scores(
+                models[0], *fold_codes[0], first_images, first_texts, rerank_k, memory_budget, precision, compile
             )
-            i2t_sims, t2i_sims, pairs_scored = i2t_sims.numpy(), t2i_sims.numpy(), pairs_scored + pairs
+            i2t_sims, t2i_sims, pairs_scored = sims.numpy(), None, pairs_scored + pairs
         folds.append(retrieval_metrics(i2t_sims, per_image, t2i_sims=t2i_sims))
     result = aggregate_folds(folds) if n_folds > 1 else folds[0]
     return {
