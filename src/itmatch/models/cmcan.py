@@ -27,6 +27,7 @@ from itmatch.models.layers import (
     SimilarityVector,
     SimilarityVectorConfig,
     attention_weights,
+    float32_linear,
     l2norm,
     xavier_init,
 )
@@ -224,7 +225,7 @@ class CMCAN(CrossAttentionMatcher):
         text_out = self._reason(self.text_reasoning, text_nodes, text_node_mask)
         visual_out = self._reason(self.visual_reasoning, visual_nodes, None)
         ordered = [text_out, visual_out] if self.config.head.order == "text_first" else [visual_out, text_out]
-        logits = self.head(torch.cat(ordered, dim=-1)).squeeze(-1)
+        logits = float32_linear(self.head, torch.cat(ordered, dim=-1)).squeeze(-1)
         return {
             "word_weights": word_weights,
             "region_weights": region_weights,

@@ -23,6 +23,13 @@ def l2norm(x: Tensor, dim: int = -1, eps: float = 1e-8) -> Tensor:
     return x / norm
 
 
+def float32_linear(layer: nn.Linear, x: Tensor) -> Tensor:
+    """`layer(x)` in float32 whatever the model's type: a scoring head in bf16 would round the
+    scores to steps of 2^-9 near 1, enough to tie and swap near-equal candidates."""
+    bias = None if layer.bias is None else layer.bias.float()
+    return nn.functional.linear(x.float(), layer.weight.float(), bias)
+
+
 def parameter_signature(parameters) -> tuple:
     """Changes whenever one of the tensors is updated in place, moved or cast: a key for results
     derived from weights (optimizer steps and load_state_dict bump `_version`)."""

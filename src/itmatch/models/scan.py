@@ -107,7 +107,7 @@ class SCAN(CrossAttentionMatcher):
         # (in float16, 1e-8 rounds to 0: the floor is at least the type's smallest normal number)
         eps = max(config.cosine_eps, torch.finfo(attended_norms.dtype).tiny)
         cosines = query_dot_attended / (query_norms * attended_norms).clamp(min=eps)
-        return self._pool(cosines, query_mask)
+        return self._pool(cosines.float(), query_mask)  # float32: bf16 scores would tie
 
     def _pool(self, cosines: Tensor, mask: Tensor | None) -> Tensor:
         """Pools (images, texts, queries) over the real query items."""

@@ -43,6 +43,7 @@ from itmatch.models.layers import (
     SimilarityVector,
     SimilarityVectorConfig,
     attention_weights,
+    float32_linear,
     l2norm,
     xavier_init,
 )
@@ -179,7 +180,7 @@ class SGRAF(CrossAttentionMatcher):
         else:
             vector, gates = self._filter(nodes, node_mask)
             stages["node_weights"] = gates
-        logits = self.head(vector).squeeze(-1)
+        logits = float32_linear(self.head, vector).squeeze(-1)
         return {**stages, "vector": vector, "logits": logits, "scores": torch.sigmoid(logits)}
 
     def _reason(self, nodes: Tensor, node_mask: Tensor) -> Tensor:
