@@ -119,7 +119,7 @@ def test_ensemble_with_inverted_softmax(trained, data, tmp_path, capsys):
 
 
 def test_two_stage_evaluation_reports_the_pairs_it_scored(trained, data, tmp_path):
-    options = f"--rerank-k 5 --json {tmp_path / 'r.json'} --quiet --precision bf16"
+    options = f"--rerank-k 5 --json {tmp_path / 'r.json'} --quiet --precision bf16 --compile"
     assert itmatch(f"evaluate {trained / 'best.pt'} --data {data} {options}") == 0
     result = json.loads((tmp_path / "r.json").read_text())
     assert result["rerank_k"] == 5 and result["precision"] == "bf16"

@@ -189,3 +189,13 @@ def test_compiled_scoring_equals_eager():
         listed = model.score_pair_list(images, texts, *pairs, compile=True)
     torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=0)
     torch.testing.assert_close(listed, eager[pairs], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("preset", ["cmcan-official", "scan-t2i-lse", "sgraf-sgr"])
+def test_low_precision_scores_are_not_rounded_to_the_low_precision_type(preset):
+    # A bf16 scoring head would round scores to steps of 2^-9 near 1, tying near-equal candidates.
+    model = small_model(preset).eval()
+    features, tokens, lengths, adjacency = inputs()
+    with torch.no_grad():
+        scores = model.similarity(features, tokens, lengths, adjacency=adjacency, precision="bf16")
+    assert (scores != scores.bfloat16().float()).any()
