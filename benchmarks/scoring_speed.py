@@ -12,8 +12,9 @@ its scoring loop after encoding: the reference from the region and word vectors,
 its encodings (which also hold the pooled and neighbourhood vectors the reference recomputes per
 shard, about 1% of its time). The encoding both need is timed apart, and the end-to-end ratio
 (features and tokens to scores) includes it on both sides. Each figure is the best of --repeats
-runs. With --trained, also the rSum of a trained checkpoint on its test split in each precision.
-On a GPU, the same with fp16 too.
+rounds, each round timing every scorer once (a drift in the machine's speed reaches all alike).
+With --trained, also the rSum of a trained checkpoint on its test split in each precision. On a
+GPU, the same with fp16 too.
 """
 
 from __future__ import annotations
@@ -49,20 +50,25 @@ def synchronize() -> None:
         torch.cuda.synchronize()
 
 
-def timed(function, repeats: int):
-    """(result, seconds of the first call, best seconds of `repeats` further calls)."""
-    synchronize()
-    started = time.perf_counter()
-    result = function()
-    synchronize()
-    first = time.perf_counter() - started
-    best = float("inf")
-    for _ in range(repeats):
-        started = time.perf_counter()
-        function()
+def timed_rounds(functions: dict, repeats: int) -> dict:
+    """Each function's (result, seconds of its first call, best seconds of `repeats` further calls).
+    The further calls run in rounds, one call of each function per round, so that a drift in the
+    machine's speed (this shared 2-core machine's reference speed moves by a fifth between runs)
+    reaches every function alike and the ratios stay true."""
+    results = {}
+    for name, function in functions.items():
         synchronize()
-        best = min(best, time.perf_counter() - started)
-    return result, first, best
+        started = time.perf_counter()
+        result = function()
+        synchronize()
+        results[name] = [result, time.perf_counter() - started, float("inf")]
+    for _ in range(repeats):
+        for name, function in functions.items():
+            started = time.perf_counter()
+            function()
+            synchronize()
+            results[name][2] = min(results[name][2], time.perf_counter() - started)
+    return {name: tuple(result) for name, result in results.items()}
 
 
 def recalls(sims: torch.Tensor, per_image: int) -> dict:
@@ -79,38 +85,43 @@ def speed(args, device: torch.device) -> None:
     per_image = args.captions // args.images
 
     with torch.no_grad():
-        (images, texts), _, encoding_seconds = timed(
-            lambda: (model.encode_images(features, adjacency), model.encode_texts(tokens, lengths)), args.repeats
-        )
-    reference, _, reference_seconds = timed(
-        lambda: official_style_scores(model, images["regions"], adjacency, texts["words"], lengths.tolist()),
-        args.repeats,
-    )
+        images, texts = model.encode_images(features, adjacency), model.encode_texts(tokens, lengths)
+    precisions = ["fp32", "bf16"] + (["fp16"] if device.type == "cuda" else [])
+    variants = [(precision, compile) for precision in precisions for compile in (False, True)]
+    functions = {
+        "encoding": lambda: (model.encode_images(features, adjacency), model.encode_texts(tokens, lengths)),
+        "reference": lambda: official_style_scores(
+            model, images["regions"], adjacency, texts["words"], lengths.tolist()
+        ),
+        **{
+            variant: lambda p=variant[0], c=variant[1]: model.score(images, texts, precision=p, compile=c)
+            for variant in variants
+        },
+    }
+    with torch.no_grad():
+        timings = timed_rounds(functions, args.repeats)
+    encoding_seconds, (reference, _, reference_seconds) = timings["encoding"][2], timings["reference"]
     pairs = args.images * args.captions
     print(
         f"{device.type}, {args.images} images x {args.captions} captions ({pairs:,} pairs) of "
-        f"{args.lengths[0]}-{args.lengths[1]} words, {torch.get_num_threads()} threads, best of {args.repeats}"
+        f"{args.lengths[0]}-{args.lengths[1]} words, {torch.get_num_threads()} threads, "
+        f"best of {args.repeats} interleaved rounds"
     )
     print(f"encoding images and captions (both scorers need it): {encoding_seconds:.2f} s")
     print(f"reference (official structure, fp32): {pairs / reference_seconds:,.0f} pairs/s")
     reference_recalls = recalls(reference, per_image)
-    precisions = ["fp32", "bf16"] + (["fp16"] if device.type == "cuda" else [])
-    for precision in precisions:
-        for compile in (False, True):
-            with torch.no_grad():
-                scores, first, seconds = timed(
-                    lambda p=precision, c=compile: model.score(images, texts, precision=p, compile=c), args.repeats
-                )
-            difference = (scores - reference).abs().max().item()
-            agree = recalls(scores, per_image) == reference_recalls
-            end_to_end = (reference_seconds + encoding_seconds) / (seconds + encoding_seconds)
-            mode = f"compiled (compiling: {first - seconds:.0f} s)" if compile else "eager"
-            print(
-                f"engine {precision} {mode}: {pairs / seconds:,.0f} pairs/s, {reference_seconds / seconds:.2f}x the "
-                f"reference ({end_to_end:.2f}x end to end), max |diff| {difference:.1e}, "
-                f"R@1/5/10 {'agree' if agree else 'differ'}",
-                flush=True,
-            )
+    for precision, compile in variants:
+        scores, first, seconds = timings[precision, compile]
+        difference = (scores - reference).abs().max().item()
+        agree = recalls(scores, per_image) == reference_recalls
+        end_to_end = (reference_seconds + encoding_seconds) / (seconds + encoding_seconds)
+        mode = f"compiled (compiling: {first - seconds:.0f} s)" if compile else "eager"
+        print(
+            f"engine {precision} {mode}: {pairs / seconds:,.0f} pairs/s, {reference_seconds / seconds:.2f}x the "
+            f"reference ({end_to_end:.2f}x end to end), max |diff| {difference:.1e}, "
+            f"R@1/5/10 {'agree' if agree else 'differ'}",
+            flush=True,
+        )
 
 
 def trained_rsum(args) -> None:
