@@ -124,3 +124,11 @@ def test_two_stage_evaluation_reports_the_pairs_it_scored(trained, data, tmp_pat
     result = json.loads((tmp_path / "r.json").read_text())
     assert result["rerank_k"] == 5 and result["precision"] == "bf16"
     assert 0 < result["pairs_scored"] <= 5 * (50 + 250) < 50 * 250
+
+
+def test_two_stage_evaluation_by_margin_scores_its_budget_exactly(trained, data, tmp_path, capsys):
+    options = f"--rerank-k 5 --candidates margin --json {tmp_path / 'r.json'} --quiet"
+    assert itmatch(f"evaluate {trained / 'best.pt'} --data {data} {options}") == 0
+    result = json.loads((tmp_path / "r.json").read_text())
+    assert result["candidates"] == "margin" and result["pairs_scored"] == 5 * 250
+    assert "(5 per query by margin of its embeddings)" in capsys.readouterr().out

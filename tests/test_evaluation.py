@@ -7,6 +7,8 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from itmatch import build_run_config
 from itmatch.data.precomp import PrecompSplit
@@ -93,10 +95,12 @@ def test_folds_and_inverted_softmax_together(split):
     assert result["n_folds"] == 5 and result["inverted_softmax"] == 0.1 and len(result["folds"]) == 5
 
 
-def test_reranking_everything_equals_exhaustive_scoring(split):
+@pytest.mark.parametrize("candidates", ["top-k", "margin"])
+def test_reranking_everything_equals_exhaustive_scoring(split, candidates):
     model = untrained("cmcan-official", split, 5)
     exhaustive = evaluate_split(model, split, progress=False)
-    reranked = evaluate_split(model, split, progress=False, rerank_k=split.n_captions)
+    reranked = evaluate_split(model, split, progress=False, rerank_k=split.n_captions, candidates=candidates)
+    assert reranked["candidates"] == candidates
     assert reranked["pairs_scored"] == exhaustive["pairs_scored"] == split.n_images * split.n_captions
     assert reranked["i2t"] == exhaustive["i2t"] and reranked["t2i"] == exhaustive["t2i"]
 
@@ -118,6 +122,45 @@ def test_reranked_candidates_rank_first_in_full_model_order(split):
         assert_ranked(scores[:, caption], scored[:, caption], full[:, caption], first[:, caption])
     for image in range(split.n_images):
         assert_ranked(scores[image], scored[image], full[image], first[image])
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    n_images=st.integers(1, 7),
+    n_texts=st.integers(1, 9),
+    k=st.integers(1, 4),
+    seed=st.integers(0, 2**16),
+    levels=st.sampled_from([3, 1000]),  # 3: many tied scores
+)
+def test_margin_candidates_are_the_pairs_closest_to_a_best_score_brute_force(n_images, n_texts, k, seed, levels):
+    from itmatch.retrieval import candidate_pairs
+
+    generator = torch.Generator().manual_seed(seed)
+    first = torch.randint(levels, (n_images, n_texts), generator=generator).float() / levels
+    pairs = candidate_pairs(first, k, "margin", torch.empty(n_images, 1), torch.empty(n_texts, 1))
+    assert len(pairs) == len(set(pairs.tolist())) == min(k * max(n_images, n_texts), n_images * n_texts)
+    # each pair's shortfall below the best score of its caption or of its image, whichever is less
+    shortfall = {
+        i * n_texts + t: min(
+            max(first[j, t].item() for j in range(n_images)) - first[i, t].item(),
+            max(first[i, u].item() for u in range(n_texts)) - first[i, t].item(),
+        )
+        for i in range(n_images)
+        for t in range(n_texts)
+    }
+    chosen = set(pairs.tolist())
+    worst_chosen = max(shortfall[p] for p in chosen)
+    assert all(shortfall[p] >= worst_chosen for p in shortfall if p not in chosen)
+
+
+def test_margin_candidates_give_an_ambiguous_caption_more_images():
+    from itmatch.retrieval import candidate_pairs
+
+    first = torch.eye(6) * 0.9  # captions 1-5: one clear best image each
+    first[:, 0] = torch.linspace(0.50, 0.55, 6)  # caption 0: six close contenders
+    pairs = candidate_pairs(first, 2, "margin", torch.empty(6, 1), torch.empty(6, 1))
+    per_caption = torch.bincount(pairs % 6, minlength=6)
+    assert len(pairs) == 12 and per_caption[0] == 6 and (per_caption[1:] <= 2).all()
 
 
 def assert_ranked(scores, scored, full, first):

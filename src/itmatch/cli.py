@@ -12,6 +12,7 @@ from pathlib import Path
 from itmatch.convert import CONVERTERS
 from itmatch.errors import ItmatchError
 from itmatch.models.backbones import RESNET_LAYOUTS
+from itmatch.retrieval import CANDIDATES
 
 SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
 MAX_SKIPS_SHOWN = 20  # lines of a raw-image split's left-out list printed by evaluate
@@ -60,6 +61,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     evaluate.add_argument("--rerank-k", type=int, metavar="K", help="two stages: score each query's top K only")
     evaluate.add_argument("--first-stage", type=Path, metavar="CKPT", help="embedding model for --rerank-k")
+    evaluate.add_argument(
+        "--candidates",
+        default="top-k",
+        choices=CANDIDATES,
+        help="of --rerank-k: each query's top K, or the same number of pairs shared out by first-stage margin",
+    )
     evaluate.add_argument("--batch-size", type=int, default=128)
     evaluate.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
     evaluate.add_argument("--memory-budget", type=memory_size, help="working memory of pair scoring, e.g. 2G")
@@ -176,13 +183,15 @@ def run_evaluate(args) -> None:
         compile=args.compile,
         rerank_k=args.rerank_k,
         first_stage=first_stage,
+        candidates=args.candidates,
     )
     result["checkpoints"] = [str(path) for path in args.checkpoints]
     name = " + ".join(model.run_config.preset for model in models)
     if args.inverted_softmax:
         name += f" (inverted softmax {args.inverted_softmax:g})"
     if args.rerank_k:
-        name += f" (top {args.rerank_k} of {first_stage.run_config.preset if first_stage else 'its embeddings'})"
+        share = f"top {args.rerank_k}" if args.candidates == "top-k" else f"{args.rerank_k} per query by margin"
+        name += f" ({share} of {first_stage.run_config.preset if first_stage else 'its embeddings'})"
     sizes = f"{result['n_images']} images, {result['n_captions']} captions, {result['pairs_scored']:,} pairs scored"
     print(format_results({name: result}, title=f"{args.data} {args.split} ({args.protocol}: {sizes})"))
     if args.json:

@@ -35,6 +35,14 @@ def nearest(gallery: Tensor, queries: Tensor, k: int) -> Tensor:
     return torch.from_numpy(ids)
 
 
+CANDIDATES = ("top-k", "margin")
+
+
+def check_candidates(candidates: str) -> None:
+    if candidates not in CANDIDATES:
+        raise InputError(f"unknown candidates {candidates!r}; choose one of {', '.join(CANDIDATES)}")
+
+
 def two_stage_scores(
     model: Matcher,
     images: Encoded,
@@ -45,22 +53,19 @@ def two_stage_scores(
     memory_budget: int | None = None,
     precision: str = "fp32",
     compile: bool = False,
+    candidates: str = "top-k",
 ) -> tuple[Tensor, int]:
-    """The (n_images, n_texts) score matrix for ranking both ways after reranking the top k of the
-    first stage in each direction, and the number of pairs the full model scored.
+    """The (n_images, n_texts) score matrix for ranking both ways after the full model rescored
+    the first stage's candidates, and the number of pairs it scored.
 
-    The full model scores the union of each caption's top k images and each image's top k
-    captions. Every scored pair ranks above every unscored one, in both directions: a pair scored
-    as a caption's candidate also counts for its image, at no extra cost. Unscored pairs keep
-    their first-stage order, so the usual metrics (R@K, medr, meanr) apply unchanged.
+    Every scored pair ranks above every unscored one, in both directions: a pair scored as a
+    caption's candidate also counts for its image, at no extra cost. Unscored pairs keep their
+    first-stage order, so the usual metrics (R@K, medr, meanr) apply unchanged. The candidates
+    are those of `candidate_pairs`.
     """
-    n_images, n_texts = len(first_images), len(first_texts)
+    n_texts = len(first_texts)
     first = first_images @ first_texts.T
-    text_candidates = nearest(first_images, first_texts, k)  # images for each caption
-    image_candidates = nearest(first_texts, first_images, k)  # captions for each image
-    t2i = text_candidates.flatten() * n_texts + torch.arange(n_texts).repeat_interleave(text_candidates.shape[1])
-    i2t = torch.arange(n_images).repeat_interleave(image_candidates.shape[1]) * n_texts + image_candidates.flatten()
-    pairs = torch.unique(torch.cat([t2i, i2t]))
+    pairs = candidate_pairs(first, k, candidates, first_images, first_texts)
     device = model.device
     full = model.score_pair_list(
         images, texts, (pairs // n_texts).to(device), (pairs % n_texts).to(device), memory_budget, precision, compile
@@ -68,6 +73,28 @@ def two_stage_scores(
     scores = first.clone()
     scores.view(-1)[pairs] = full + (first.max() - full.min() + 1)  # above every first-stage score
     return scores, len(pairs)
+
+
+def candidate_pairs(first: Tensor, k: int, candidates: str, first_images: Tensor, first_texts: Tensor) -> Tensor:
+    """Flat indices into the (n_images, n_texts) first-stage scores `first` of the pairs to rescore.
+
+    "top-k": each caption's k best images and each image's k best captions (faiss searches).
+    "margin": the same budget, k x max(n_images, n_texts) pairs, shared out by the first stage's
+    confidence: the pairs whose score falls least below the best score of their caption or of
+    their image. A caption whose best images stand out gets few candidates, one with many close
+    contenders (an ambiguous caption, or a first stage unsure of it) gets more.
+    """
+    n_images, n_texts = first.shape
+    if candidates == "margin":
+        below_best = torch.minimum(first.amax(0) - first, first.amax(1, keepdim=True) - first)
+        budget = min(k * max(n_images, n_texts), first.numel())
+        return below_best.flatten().topk(budget, largest=False).indices
+    check_candidates(candidates)
+    text_candidates = nearest(first_images, first_texts, k)  # images for each caption
+    image_candidates = nearest(first_texts, first_images, k)  # captions for each image
+    t2i = text_candidates.flatten() * n_texts + torch.arange(n_texts).repeat_interleave(text_candidates.shape[1])
+    i2t = torch.arange(n_images).repeat_interleave(image_candidates.shape[1]) * n_texts + image_candidates.flatten()
+    return torch.unique(torch.cat([t2i, i2t]))
 
 
 @torch.no_grad()

@@ -14,7 +14,7 @@ from itmatch.data.raw import RawImageSplit
 from itmatch.errors import InputError
 from itmatch.evaluation.metrics import aggregate_folds, retrieval_metrics
 from itmatch.models.base import Encoded, Matcher
-from itmatch.retrieval import embeddings, two_stage_scores
+from itmatch.retrieval import check_candidates, embeddings, two_stage_scores
 
 # "1k": the whole split at once (Flickr30K's 1K test, Flickr8k, synthetic sets);
 # "coco-5fold": COCO 1K, five consecutive folds of the 5K split averaged; "coco-5k": all 5,000.
@@ -74,6 +74,7 @@ def evaluate_split(
     compile: bool = False,
     rerank_k: int | None = None,
     first_stage: Matcher | None = None,
+    candidates: str = "top-k",
 ) -> dict:
     """Bidirectional retrieval metrics on `split` (models are put in eval mode).
 
@@ -81,8 +82,9 @@ def evaluate_split(
     rows do. `inverted_softmax` (a temperature) normalises each gallery item's scores over the
     queries before ranking, which counters hubs (items close to every query). `rerank_k` scores
     only each query's top k by embedding (the model's own, or those of the `first_stage` model)
-    with the full model. `precision` and `compile` are those of `Matcher.score`. The result records
-    the pairs scored and the seconds spent scoring.
+    with the full model; `candidates="margin"` shares the same budget of pairs out by the first
+    stage's confidence instead (`itmatch.retrieval.candidate_pairs`). `precision` and `compile`
+    are those of `Matcher.score`. The result records the pairs scored and the seconds spent scoring.
     """
     if protocol not in PROTOCOLS:
         raise InputError(f"unknown protocol {protocol!r}; choose one of {', '.join(PROTOCOLS)}")
@@ -94,6 +96,7 @@ def evaluate_split(
         raise InputError("reranking (rerank_k) takes one model, without inverted softmax")
     if first_stage is not None and rerank_k is None:
         raise InputError("a first-stage model is only used with rerank_k")
+    check_candidates(candidates)
     encodings = []
     for model in models + ([first_stage] if first_stage is not None else []):
         model.eval()
@@ -118,7 +121,15 @@ def evaluate_split(
             )
             first_images, first_texts = (embeddings(stage_model, codes) for codes in stage_codes)
             sims, pairs = two_stage_scores(
-                models[0], *fold_codes[0], first_images, first_texts, rerank_k, memory_budget, precision, compile
+                models[0],
+                *fold_codes[0],
+                first_images,
+                first_texts,
+                rerank_k,
+                memory_budget,
+                precision,
+                compile,
+                candidates,
             )
             i2t_sims, t2i_sims, pairs_scored = sims.numpy(), None, pairs_scored + pairs
         folds.append(retrieval_metrics(i2t_sims, per_image, t2i_sims=t2i_sims))
@@ -129,6 +140,7 @@ def evaluate_split(
         "inverted_softmax": inverted_softmax,
         "precision": precision,
         "rerank_k": rerank_k,
+        "candidates": candidates if rerank_k is not None else None,
         "pairs_scored": pairs_scored,
         "scoring_seconds": round(time.perf_counter() - started, 3),
     }
