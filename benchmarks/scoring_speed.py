@@ -13,7 +13,7 @@ its encodings (which also hold the pooled and neighbourhood vectors the referenc
 shard, about 1% of its time). The encoding both need is timed apart, and the end-to-end ratio
 (features and tokens to scores) includes it on both sides. Each figure is the best of --repeats
 rounds, each round timing every scorer once (a drift in the machine's speed reaches all alike).
-With --trained, also the rSum of a trained checkpoint on its test split in each precision. On a
+With --trained, also the rSum of a trained checkpoint on its test split with each variant. On a
 GPU, the same with fp16 too.
 """
 
@@ -86,8 +86,7 @@ def speed(args, device: torch.device) -> None:
 
     with torch.no_grad():
         images, texts = model.encode_images(features, adjacency), model.encode_texts(tokens, lengths)
-    precisions = ["fp32", "bf16"] + (["fp16"] if device.type == "cuda" else [])
-    variants = [(precision, compile) for precision in precisions for compile in (False, True)]
+    variants = scoring_variants(device)
     functions = {
         "encoding": lambda: (model.encode_images(features, adjacency), model.encode_texts(tokens, lengths)),
         "reference": lambda: official_style_scores(
@@ -127,12 +126,19 @@ def speed(args, device: torch.device) -> None:
 def trained_rsum(args) -> None:
     model = load_checkpoint(args.trained)
     split = PrecompSplit(args.data, "test")
-    for precision in ("fp32", "bf16") + (("fp16",) if model.device.type == "cuda" else ()):
-        result = evaluate_split(model, split, progress=False, precision=precision)
+    for precision, compile in scoring_variants(model.device):
+        result = evaluate_split(model, split, progress=False, precision=precision, compile=compile)
         print(
             f"trained {model.run_config.preset} on {args.data} test ({split.n_images} images): "
-            f"{precision} rSum {result['rsum']:.2f} in {result['scoring_seconds']:.1f} s"
+            f"{precision} {'compiled' if compile else 'eager'} rSum {result['rsum']:.2f} "
+            f"in {result['scoring_seconds']:.1f} s"
         )
+
+
+def scoring_variants(device: torch.device) -> list[tuple[str, bool]]:
+    """(precision, compile) of each engine variant: fp32 and bf16, and fp16 on a GPU; eager and compiled."""
+    precisions = ["fp32", "bf16"] + (["fp16"] if device.type == "cuda" else [])
+    return [(precision, compile) for precision in precisions for compile in (False, True)]
 
 
 def length_range(text: str) -> tuple[int, int]:

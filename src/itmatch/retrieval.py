@@ -78,15 +78,16 @@ def two_stage_scores(
 def candidate_pairs(first: Tensor, k: int, candidates: str, first_images: Tensor, first_texts: Tensor) -> Tensor:
     """Flat indices into the (n_images, n_texts) first-stage scores `first` of the pairs to rescore.
 
-    "top-k": each caption's k best images and each image's k best captions (faiss searches).
-    "margin": the same budget, k x max(n_images, n_texts) pairs, shared out by the first stage's
+    "top-k": each caption's k best images and each image's k best captions (faiss searches); the
+    union holds at least k x max(n_images, n_texts) pairs, often a little more.
+    "margin": exactly k x max(n_images, n_texts) pairs, shared out by the first stage's
     confidence: the pairs whose score falls least below the best score of their caption or of
     their image. A caption whose best images stand out gets few candidates, one with many close
     contenders (an ambiguous caption, or a first stage unsure of it) gets more.
     """
     n_images, n_texts = first.shape
     if candidates == "margin":
-        below_best = torch.minimum(first.amax(0) - first, first.amax(1, keepdim=True) - first)
+        below_best = torch.minimum(first.amax(0), first.amax(1, keepdim=True)).sub_(first)  # one n x n buffer
         budget = min(k * max(n_images, n_texts), first.numel())
         return below_best.flatten().topk(budget, largest=False).indices
     check_candidates(candidates)
