@@ -186,6 +186,20 @@ def test_companion_first_stage_and_models_without_embeddings(split):
         evaluate_split(scan, split, progress=False, first_stage=companion)
 
 
+def test_bad_reranking_options_are_refused_before_any_work(split):
+    from itmatch.errors import InputError
+    from itmatch.retrieval import search_images
+
+    model = untrained("cmcan-official", split, 10)
+    with pytest.raises(InputError, match="rerank_k must be at least 1, got 0"):
+        evaluate_split(model, split, progress=False, rerank_k=0)
+    with pytest.raises(InputError, match="unknown candidates 'best'; choose one of top-k, margin"):
+        evaluate_split(model, split, progress=False, rerank_k=5, candidates="best")
+    images, _ = encode_split(model, split, progress=False)
+    with pytest.raises(InputError, match="rerank_k must be at least 1, got -3"):
+        search_images(model, images, ["a red dog"], rerank_k=-3)
+
+
 def test_search_images_with_reranking_everything_matches_exhaustive(split):
     from itmatch.retrieval import search_images
 

@@ -38,7 +38,9 @@ def nearest(gallery: Tensor, queries: Tensor, k: int) -> Tensor:
 CANDIDATES = ("top-k", "margin")
 
 
-def check_candidates(candidates: str) -> None:
+def check_rerank(rerank_k: int | None, candidates: str = "top-k") -> None:
+    if rerank_k is not None and rerank_k < 1:
+        raise InputError(f"rerank_k must be at least 1, got {rerank_k}")
     if candidates not in CANDIDATES:
         raise InputError(f"unknown candidates {candidates!r}; choose one of {', '.join(CANDIDATES)}")
 
@@ -85,12 +87,12 @@ def candidate_pairs(first: Tensor, k: int, candidates: str, first_images: Tensor
     their image. A caption whose best images stand out gets few candidates, one with many close
     contenders (an ambiguous caption, or a first stage unsure of it) gets more.
     """
+    check_rerank(k, candidates)
     n_images, n_texts = first.shape
     if candidates == "margin":
         below_best = torch.minimum(first.amax(0), first.amax(1, keepdim=True)).sub_(first)  # one n x n buffer
         budget = min(k * max(n_images, n_texts), first.numel())
         return below_best.flatten().topk(budget, largest=False).indices
-    check_candidates(candidates)
     text_candidates = nearest(first_images, first_texts, k)  # images for each caption
     image_candidates = nearest(first_texts, first_images, k)  # captions for each image
     t2i = text_candidates.flatten() * n_texts + torch.arange(n_texts).repeat_interleave(text_candidates.shape[1])
@@ -112,6 +114,7 @@ def search_images(
     With `rerank_k`, only each query's `rerank_k` best images by embedding (the model's own, or
     `first_stage` = (companion model, its encoding of the same images)) are scored by the model.
     """
+    check_rerank(rerank_k)
     texts = encode_queries(model, queries)
     if rerank_k is None:
         scores = model.score(images, texts).T

@@ -14,7 +14,7 @@ from itmatch.data.raw import RawImageSplit
 from itmatch.errors import InputError
 from itmatch.evaluation.metrics import aggregate_folds, retrieval_metrics
 from itmatch.models.base import Encoded, Matcher
-from itmatch.retrieval import check_candidates, embeddings, two_stage_scores
+from itmatch.retrieval import check_rerank, embeddings, two_stage_scores
 
 # "1k": the whole split at once (Flickr30K's 1K test, Flickr8k, synthetic sets);
 # "coco-5fold": COCO 1K, five consecutive folds of the 5K split averaged; "coco-5k": all 5,000.
@@ -96,7 +96,7 @@ def evaluate_split(
         raise InputError("reranking (rerank_k) takes one model, without inverted softmax")
     if first_stage is not None and rerank_k is None:
         raise InputError("a first-stage model is only used with rerank_k")
-    check_candidates(candidates)
+    check_rerank(rerank_k, candidates)
     encodings = []
     for model in models + ([first_stage] if first_stage is not None else []):
         model.eval()
