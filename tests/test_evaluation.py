@@ -105,6 +105,13 @@ def test_reranking_everything_equals_exhaustive_scoring(split, candidates):
     assert reranked["i2t"] == exhaustive["i2t"] and reranked["t2i"] == exhaustive["t2i"]
 
 
+def test_margin_reranking_spends_its_budget_in_every_fold(split):
+    model = untrained("cmcan-official", split, 11)
+    result = evaluate_split(model, split, "coco-5fold", progress=False, rerank_k=3, candidates="margin")
+    fold_images, fold_captions = split.n_images // 5, split.n_captions // 5
+    assert result["n_folds"] == 5 and result["pairs_scored"] == 5 * 3 * max(fold_images, fold_captions)
+
+
 def test_reranked_candidates_rank_first_in_full_model_order(split):
     from itmatch.retrieval import embeddings, nearest, two_stage_scores
 
