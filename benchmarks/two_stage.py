@@ -35,6 +35,7 @@ MODELS = {
     "vsepp": {"model": {"embed_size": 256, "text": {"word_dim": 128}}, "train": {"epochs": 12}},
     "vse-infty-bigru": {"model": {"embed_size": 256, "text": {"word_dim": 128}}, "train": {"epochs": 25}},
 }
+COMPANIONS = {"VSE++ embeddings": "vsepp", "VSE-infinity embeddings": "vse-infty-bigru"}
 
 
 def trained(preset: str, data: Path, out: Path) -> Path:
@@ -86,9 +87,6 @@ def main() -> None:
             for candidates in CANDIDATES:
                 result = run(rerank_k=k, first_stage=first_stage, candidates=candidates)
                 row(f"K = {k}, {name}", candidates, result, exhaustive, found[k])
-
-
-COMPANIONS = {"VSE++ embeddings": "vsepp", "VSE-infinity embeddings": "vse-infty-bigru"}
 
 
 def first_stage_recall(model, split: PrecompSplit, ks: tuple[int, ...]) -> dict[int, str]:
