@@ -16,6 +16,7 @@ import numpy as np
 from itmatch.data.adjacency import adjacency_file_name, directional_adjacency
 from itmatch.errors import ConfigError, DataError
 from itmatch.files import atomic_write
+from itmatch.safe_pickle import load_npy
 
 _FEATURES_SUFFIX = "_ims.npy"
 # Images per block when checking an adjacency file's values (bounded memory on 113k images).
@@ -52,24 +53,6 @@ def read_captions(path: str | Path) -> list[str]:
 def list_splits(data_dir: str | Path) -> list[str]:
     """The splits of a precomp folder: the names before `_ims.npy`, sorted."""
     return sorted(p.name[: -len(_FEATURES_SUFFIX)] for p in Path(data_dir).glob(f"*{_FEATURES_SUFFIX}"))
-
-
-def _load_npy(path: Path, mmap: bool = False) -> np.ndarray:
-    """np.load with every failure turned into a DataError naming the file."""
-    try:
-        with open(path, "rb") as file:
-            magic = file.read(len(np.lib.format.MAGIC_PREFIX))
-    except FileNotFoundError:
-        raise DataError(path, "file not found") from None
-    except OSError as error:
-        raise DataError(path, f"cannot be read ({error.strerror})") from None
-    # Without this check numpy calls any non-.npy file "pickled data".
-    if magic != np.lib.format.MAGIC_PREFIX:
-        raise DataError(path, "is not a .npy file (no NumPy header)")
-    try:
-        return np.load(path, mmap_mode="r") if mmap else np.load(path, allow_pickle=True)
-    except Exception as error:  # a damaged header or pickled object array can raise almost anything
-        raise DataError(path, f"is truncated or corrupt ({type(error).__name__}: {error})") from None
 
 
 def _row_repeat(features: np.ndarray, n_captions: int, repeat: int = 5) -> int:
@@ -151,7 +134,7 @@ class PrecompSplit(CaptionedSplit):
     # ---- opening ----
 
     def _open_features(self) -> np.ndarray:
-        features = _load_npy(self.features_path, mmap=True)
+        features = load_npy(self.features_path, mmap=True)
         if features.ndim != 3:
             raise DataError(
                 self.features_path,
@@ -227,7 +210,7 @@ class PrecompSplit(CaptionedSplit):
 
     @cached_property
     def _all_boxes(self) -> np.ndarray:
-        raw = _load_npy(self.boxes_path)
+        raw = load_npy(self.boxes_path)
         try:
             boxes = np.stack(raw.tolist()) if raw.dtype == object else raw
             boxes = self._per_image(boxes.astype(np.float32))
@@ -246,7 +229,7 @@ class PrecompSplit(CaptionedSplit):
 
     @cached_property
     def _all_sizes(self) -> np.ndarray:
-        raw = _load_npy(self.sizes_path)
+        raw = load_npy(self.sizes_path)
         try:
             if raw.dtype == object:
                 # CMCAN's format: one {'image_w', 'image_h'} dict per image.
@@ -307,7 +290,7 @@ class PrecompSplit(CaptionedSplit):
         return bool(sources) and path.stat().st_mtime_ns < max(sources)
 
     def _open_adjacency(self, path: Path) -> np.ndarray:
-        adjacency = self._per_image(_load_npy(path, mmap=True))
+        adjacency = self._per_image(load_npy(path, mmap=True))
         expected = (self._n_images_in_file, self.n_regions, self.n_regions)
         if adjacency.shape != expected:
             raise DataError(
