@@ -2,21 +2,32 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO
 
 import numpy as np
 
+from itmatch.errors import DataError, ItmatchError
+
+LOCK_FILE = ".itmatch.lock"
+
 
 def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
-    """Write through a temporary file in the same folder, flushed to disk, then renamed."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    """Write through a temporary file in the same folder, flushed to disk, then renamed. A failed
+    write (disk full, no permission) is a DataError naming the file; the previous file is intact."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as error:
+        raise _write_error(path, error) from None
     try:
         with os.fdopen(fd, "wb") as file:
             os.fchmod(file.fileno(), 0o644)  # mkstemp's 0600 would hide shared data from other users
@@ -24,9 +35,43 @@ def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
             file.flush()
             os.fsync(file.fileno())
         os.replace(temp, path)
-    except BaseException:
+    except BaseException as error:
         Path(temp).unlink(missing_ok=True)
+        if isinstance(error, OSError):
+            raise _write_error(path, error) from None
         raise
+
+
+def _write_error(path: Path, error: OSError) -> DataError:
+    kept = "the previous version is intact" if path.exists() else "nothing was written"
+    return DataError(path, f"cannot be written ({error.strerror or error}); {kept}")
+
+
+def remove_leftover_temps(folder: Path) -> None:
+    """Deletes the temporary files of atomic writes killed mid-way (`.NAME.*.tmp`)."""
+    for temp in Path(folder).glob(".*.tmp"):
+        temp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def folder_lock(folder: Path, what: str) -> Iterator[None]:
+    """Holds an exclusive lock on `folder` (created if needed) while the block runs; another
+    process holding it is an ItmatchError. The lock ends with the process, even when killed."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        handle = open(folder / LOCK_FILE, "a")
+    except OSError as error:
+        raise DataError(folder, f"cannot be used ({error.strerror or error})") from None
+    with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ItmatchError(f"{folder}: another process is using this {what} right now") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 class ResumableArray:

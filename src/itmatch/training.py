@@ -9,6 +9,7 @@ skips exactly the batches it had already trained on.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -29,8 +30,9 @@ from itmatch.data.raw import RawImageSplit, skip_summary, write_skip_list
 from itmatch.data.sources import check_image_input, open_split, split_names
 from itmatch.data.vocab import Vocabulary, build_vocab_for_dir
 from itmatch.device import default_device
-from itmatch.errors import ConfigError, DataError, ItmatchError
+from itmatch.errors import CheckpointError, ConfigError, DataError, ItmatchError
 from itmatch.evaluation.runner import evaluate_split
+from itmatch.files import atomic_write, folder_lock, remove_leftover_temps
 from itmatch.losses import triplet_ranking_loss
 from itmatch.models.backbones import BackboneConfig, build_backbone, load_weights
 from itmatch.models.registry import build_model
@@ -76,11 +78,20 @@ def train(
     """
     process = _join_process_group()
     run_dir, data_dir = Path(run_dir), Path(data_dir)
+    # One run per folder at a time: the main process holds the folder's lock until it ends.
+    with folder_lock(run_dir, "run folder") if process.main else contextlib.nullcontext():
+        if process.main:
+            remove_leftover_temps(run_dir)
+        return _train(config, data_dir, run_dir, resume, vocab_path, overrides, progress, log, process)
+
+
+def _train(config, data_dir, run_dir, resume, vocab_path, overrides, progress, log, process) -> TrainState:
     train_split = open_split(data_dir, "train", progress=progress)
     if resume:
         model, config, state, optimizer_state = _resume(run_dir, config, overrides, log)
     else:
-        _refuse_overwrite(run_dir)
+        if process.main:
+            _refuse_overwrite(run_dir)
         vocab = _word_vocabulary(config, data_dir, vocab_path, run_dir, process, log)
         config = _fit_to_data(config, train_split, vocab)
         model, state, optimizer_state = build_model(config), TrainState(), None
@@ -215,9 +226,11 @@ class _Trainer:
             improved = rsum > state.best_rsum
             if improved:
                 state.best_rsum, state.best_epoch = rsum, state.epoch
-            self._save("last.pt")
+            # best.pt first: a run killed between the two writes redoes this epoch from the
+            # previous last.pt, instead of resuming from a last.pt whose best epoch has no best.pt.
             if improved:
                 self._save("best.pt", with_optimizer=False)
+            self._save("last.pt")
             self.log(_epoch_line(record, improved))
         if self.process.world_size > 1:
             dist.barrier()
@@ -272,11 +285,14 @@ def _report_skipped(splits: list, run_dir: Path, log) -> None:
             log(skip_summary(split, path))
 
 
+RUN_FILES = ("last.pt", "best.pt", "config.json", "tensorboard")
+
+
 def _refuse_overwrite(run_dir: Path) -> None:
-    if (run_dir / "last.pt").exists():
-        raise ItmatchError(
-            f"{run_dir} already holds a run (last.pt); continue it with --resume or choose another --out"
-        )
+    found = [name for name in RUN_FILES if (run_dir / name).exists()]
+    if found:
+        resume = "continue it with --resume or " if "last.pt" in found else ""
+        raise ItmatchError(f"{run_dir} already holds a run ({', '.join(found)}); {resume}choose another --out")
 
 
 def _word_vocabulary(config: RunConfig, data_dir: Path, vocab_path, run_dir: Path, process: Process, log):
@@ -322,10 +338,20 @@ def _resume(run_dir: Path, requested: RunConfig, overrides: dict | None, log):
     payload = read_checkpoint(last)
     if payload["preset"] != requested.preset:
         raise ItmatchError(f"{last} was trained with preset {payload['preset']}, not {requested.preset}")
-    model, config = model_from_payload(payload, last)
-    if overrides:
-        config = build_run_config(merge(config.to_dict(), overrides))
-    state = TrainState(**payload["state"])
+    if overrides:  # the model is built with them, so its weights must still fit
+        saved = payload["config"]
+        payload = {**payload, "config": build_run_config(merge(saved, overrides)).to_dict()}
+        changed = _changed_settings(saved, payload["config"], ("model", "backbone"))
+        try:
+            model, config = model_from_payload(payload, last)
+        except CheckpointError:
+            raise ConfigError(
+                f"--resume cannot change {', '.join(changed)}: the weights in {last} do not fit the new shape; "
+                "train a new run in another --out"
+            ) from None
+    else:
+        model, config = model_from_payload(payload, last)
+    state = _train_state(payload, last)
     log(
         f"resuming {run_dir} after epoch {state.epoch}"
         + (f", batch {state.batches_done}" if state.batches_done else "")
@@ -333,6 +359,27 @@ def _resume(run_dir: Path, requested: RunConfig, overrides: dict | None, log):
     return model, config, state, payload.get("optimizer")
 
 
+def _changed_settings(before: dict, after: dict, groups: tuple[str, ...], where: str = "") -> list[str]:
+    """The dotted names of the settings under `groups` whose values differ, with both values."""
+    changed = []
+    for key in sorted(set(before) | set(after)):
+        if not where and key not in groups:
+            continue
+        old, new = before.get(key), after.get(key)
+        if isinstance(old, dict) and isinstance(new, dict):
+            changed += _changed_settings(old, new, groups, f"{where}{key}.")
+        elif old != new:
+            changed.append(f"{where}{key} ({old} -> {new})")
+    return changed
+
+
+def _train_state(payload: dict, path: Path) -> TrainState:
+    try:
+        return TrainState(**payload["state"])
+    except (KeyError, TypeError) as error:
+        raise CheckpointError(path, f"has no usable training state to resume from ({error})") from None
+
+
 def _write_json(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=2) + "\n")
+    text = (json.dumps(data, indent=2) + "\n").encode()
+    atomic_write(path, lambda file: file.write(text))
