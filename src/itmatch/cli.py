@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import re
 import sys
 from pathlib import Path
 
 from itmatch.convert import CONVERTERS
-from itmatch.errors import ItmatchError
+from itmatch.errors import InputError, ItmatchError
+from itmatch.files import atomic_write
 from itmatch.models.backbones import RESNET_LAYOUTS
 from itmatch.retrieval import CANDIDATES
 
@@ -26,8 +28,43 @@ def memory_size(text: str) -> int:
     return int(float(match.group(1)) * SIZE_UNITS[match.group(2)])
 
 
+def _bounded_int(low: int, high: int | None = None):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+        if value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(
+                f"must be {low}..{high}, got {value}" if high else f"must be >= {low}, got {value}"
+            )
+        return value
+
+    return parse
+
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return value
+
+
+positive_int, count, port = _bounded_int(1), _bounded_int(0), _bounded_int(1, 65535)
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """Usage errors as one line (the full usage is one `--help` away)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="itmatch", description="Image-text matching: train, evaluate, convert.")
+    parser = OneLineParser(prog="itmatch", description="Image-text matching: train, evaluate, convert.")
     commands = parser.add_subparsers(dest="command", required=True)
 
     train = commands.add_parser("train", help="train a preset on a precomp folder or raw images")
@@ -39,8 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="precomp folder with train (and dev) splits, or a raw-image source (the image encoder trains too)",
     )
     train.add_argument("--out", required=True, type=Path, help="run folder for checkpoints and logs")
-    train.add_argument("--epochs", type=int, help="same as --set train.epochs=N")
-    train.add_argument("--batch-size", type=int, help="same as --set train.batch_size=N")
+    train.add_argument("--epochs", type=positive_int, help="same as --set train.epochs=N")
+    train.add_argument("--batch-size", type=positive_int, help="same as --set train.batch_size=N")
     train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
     train.add_argument("--vocab", type=Path, help="vocabulary JSON (default: DATA/vocab.json, else built)")
     train.add_argument("--resume", action="store_true", help="continue the run in --out from its last.pt")
@@ -53,13 +90,18 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--protocol", default="1k", choices=["1k", "coco-5fold", "coco-5k"])
     evaluate.add_argument("--json", type=Path, help="also write the metrics as JSON here")
     evaluate.add_argument(
-        "--inverted-softmax", type=float, metavar="TEMP", help="rank by scores / TEMP softmax-normalised over queries"
+        "--inverted-softmax",
+        type=positive_float,
+        metavar="TEMP",
+        help="rank by scores / TEMP softmax-normalised over queries",
     )
     evaluate.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"], help="of pair scoring")
     evaluate.add_argument(
         "--compile", action="store_true", help="torch.compile the pair scorer: fused kernels, once tens of seconds"
     )
-    evaluate.add_argument("--rerank-k", type=int, metavar="K", help="two stages: score each query's top K only")
+    evaluate.add_argument(
+        "--rerank-k", type=positive_int, metavar="K", help="two stages: score each query's top K only"
+    )
     evaluate.add_argument("--first-stage", type=Path, metavar="CKPT", help="embedding model for --rerank-k")
     evaluate.add_argument(
         "--candidates",
@@ -67,8 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
         choices=CANDIDATES,
         help="of --rerank-k: each query's top K, or the same number of pairs shared out by first-stage margin",
     )
-    evaluate.add_argument("--batch-size", type=int, default=128)
-    evaluate.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
+    evaluate.add_argument("--batch-size", type=positive_int, default=128)
+    evaluate.add_argument("--workers", type=count, default=0, help="DataLoader worker processes")
     evaluate.add_argument("--memory-budget", type=memory_size, help="working memory of pair scoring, e.g. 2G")
     evaluate.add_argument("--quiet", action="store_true")
 
@@ -80,17 +122,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     vocab = commands.add_parser("build-vocab", help="SCAN's vocabulary of a precomp folder (train + dev)")
     vocab.add_argument("data", type=Path)
-    vocab.add_argument("--threshold", type=int, default=4, help="minimum word count")
+    vocab.add_argument("--threshold", type=positive_int, default=4, help="minimum word count")
     vocab.add_argument("--out", type=Path, help="default: DATA/vocab.json")
 
     synthetic = commands.add_parser("make-synthetic", help="write a synthetic scene data set (precomp layout)")
     synthetic.add_argument("out", type=Path)
-    synthetic.add_argument("--train", type=int, default=2000)
-    synthetic.add_argument("--dev", type=int, default=250)
-    synthetic.add_argument("--test", type=int, default=250)
-    synthetic.add_argument("--seed", type=int, default=0)
-    synthetic.add_argument("--regions", type=int, default=36, help="regions per image")
-    synthetic.add_argument("--feature-dim", type=int, default=256)
+    synthetic.add_argument("--train", type=count, default=2000)
+    synthetic.add_argument("--dev", type=count, default=250)
+    synthetic.add_argument("--test", type=count, default=250)
+    synthetic.add_argument("--seed", type=count, default=0)
+    synthetic.add_argument("--regions", type=positive_int, default=36, help="regions per image")
+    synthetic.add_argument("--feature-dim", type=positive_int, default=256)
 
     extract = commands.add_parser("extract", help="grid region features of raw images from a pretrained ResNet")
     extract.add_argument(
@@ -100,9 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
     extract.add_argument("--backbone", required=True, choices=sorted(RESNET_LAYOUTS))
     extract.add_argument("--weights", type=Path, help="the backbone's torchvision-format state dict (.pth)")
     extract.add_argument("--split", nargs="+", help="default: every split of the source")
-    extract.add_argument("--batch-size", type=int, default=32)
-    extract.add_argument("--image-size", type=int, default=224, help="images are squashed to this square")
-    extract.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
+    extract.add_argument("--batch-size", type=positive_int, default=32)
+    extract.add_argument("--image-size", type=positive_int, default=224, help="images are squashed to this square")
+    extract.add_argument("--workers", type=count, default=0, help="DataLoader worker processes")
     extract.add_argument("--quiet", action="store_true", help="no progress bars")
 
     butd = commands.add_parser("import-butd", help="bottom-up-attention TSV features into the precomp layout")
@@ -110,7 +152,9 @@ def build_parser() -> argparse.ArgumentParser:
     butd.add_argument("--out", required=True, type=Path, help="precomp folder")
     butd.add_argument("--split", default="train", help="the split written (and read from --captions)")
     butd.add_argument("--captions", type=Path, help="raw-image source whose split gives the captions and order")
-    butd.add_argument("--regions", type=int, help="keep the first R boxes of each image (when the counts vary)")
+    butd.add_argument(
+        "--regions", type=positive_int, help="keep the first R boxes of each image (when the counts vary)"
+    )
     butd.add_argument("--quiet", action="store_true", help="no progress bars")
 
     commands.add_parser("models", help="list the presets")
@@ -120,33 +164,41 @@ def build_parser() -> argparse.ArgumentParser:
     index.add_argument("--data", required=True, type=Path, help="precomp folder")
     index.add_argument("--out", required=True, type=Path, help="index folder (created, or extended)")
     index.add_argument("--split", default="test")
-    index.add_argument("--batch-size", type=int, default=128)
+    index.add_argument("--batch-size", type=positive_int, default=128)
     index.add_argument("--quiet", action="store_true", help="no progress bars")
 
     search = commands.add_parser("search", help="search an index by text, or by one of its images")
     search.add_argument("index", type=Path, help="index folder (see `itmatch index`)")
     query = search.add_mutually_exclusive_group(required=True)
     query.add_argument("text", nargs="?", help="a sentence: the images that match it best")
-    query.add_argument("--image", type=int, metavar="ID", help="an indexed image: the captions that match it best")
-    search.add_argument("-k", type=int, default=10, help="number of results")
-    search.add_argument("--rerank-k", type=int, metavar="K", help="score only the faiss first stage's top K")
+    query.add_argument("--image", type=count, metavar="ID", help="an indexed image: the captions that match it best")
+    search.add_argument("-k", type=positive_int, default=10, help="number of results")
+    search.add_argument("--rerank-k", type=positive_int, metavar="K", help="score only the faiss first stage's top K")
     search.add_argument("--json", action="store_true", help="print the results as JSON")
 
     serve = commands.add_parser("serve", help="the search web page and JSON API of an index")
     serve.add_argument("index", type=Path)
     serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--rerank-k", type=int, metavar="K", help="default for searches: score the top K only")
+    serve.add_argument("--port", type=port, default=8000)
+    serve.add_argument("--rerank-k", type=positive_int, metavar="K", help="default for searches: score the top K only")
+    serve.add_argument(
+        "--allow-host",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="also answer requests whose Host header is NAME (e.g. the machine's DNS name behind --host 0.0.0.0)",
+    )
     return parser
 
 
 def run_train(args) -> None:
-    from itmatch.config import build_run_config, merge, parse_overrides
+    from itmatch.config import build_run_config, parse_overrides
     from itmatch.training import train
 
-    overrides = parse_overrides(args.set)
     flags = {"epochs": args.epochs, "batch_size": args.batch_size}
-    overrides = merge(overrides, {"train": {k: v for k, v in flags.items() if v is not None}})
+    overrides = parse_overrides(
+        args.set + [f"train.{key}={value}" for key, value in flags.items() if value is not None]
+    )
     config = build_run_config(args.model, overrides)
     state = train(
         config,
@@ -164,13 +216,37 @@ def run_evaluate(args) -> None:
     from itmatch.checkpoint import load_checkpoint
     from itmatch.data.sources import open_split
     from itmatch.evaluation.metrics import format_results
-    from itmatch.evaluation.runner import evaluate_split
 
+    if args.json is not None and args.json.is_dir():
+        raise ItmatchError(f"--json {args.json}: is a folder; name the file to write")
     models = [load_checkpoint(path) for path in args.checkpoints]
     first_stage = load_checkpoint(args.first_stage) if args.first_stage else None
     split = open_split(args.data, args.split, progress=not args.quiet)
     report_skipped(split)
-    result = evaluate_split(
+    try:
+        result = _evaluate(args, models, split, first_stage)
+    except InputError as error:  # the data does not fit a model: name the files
+        files = [*args.checkpoints, *([args.first_stage] if first_stage else [])]
+        where = getattr(split, "features_path", args.data)
+        raise InputError(f"{', '.join(str(path) for path in files)} on {where}: {error}") from None
+    result["checkpoints"] = [str(path) for path in args.checkpoints]
+    name = " + ".join(model.run_config.preset for model in models)
+    if args.inverted_softmax:
+        name += f" (inverted softmax {args.inverted_softmax:g})"
+    if args.rerank_k:
+        share = f"top {args.rerank_k}" if args.candidates == "top-k" else f"{args.rerank_k} per query by margin"
+        name += f" ({share} of {first_stage.run_config.preset if first_stage else 'its embeddings'})"
+    sizes = f"{result['n_images']} images, {result['n_captions']} captions, {result['pairs_scored']:,} pairs scored"
+    print(format_results({name: result}, title=f"{args.data} {args.split} ({args.protocol}: {sizes})"))
+    if args.json:
+        text = (json.dumps(result, indent=2) + "\n").encode()
+        atomic_write(args.json, lambda file: file.write(text))
+
+
+def _evaluate(args, models, split, first_stage) -> dict:
+    from itmatch.evaluation.runner import evaluate_split
+
+    return evaluate_split(
         models,
         split,
         args.protocol,
@@ -185,18 +261,6 @@ def run_evaluate(args) -> None:
         first_stage=first_stage,
         candidates=args.candidates,
     )
-    result["checkpoints"] = [str(path) for path in args.checkpoints]
-    name = " + ".join(model.run_config.preset for model in models)
-    if args.inverted_softmax:
-        name += f" (inverted softmax {args.inverted_softmax:g})"
-    if args.rerank_k:
-        share = f"top {args.rerank_k}" if args.candidates == "top-k" else f"{args.rerank_k} per query by margin"
-        name += f" ({share} of {first_stage.run_config.preset if first_stage else 'its embeddings'})"
-    sizes = f"{result['n_images']} images, {result['n_captions']} captions, {result['pairs_scored']:,} pairs scored"
-    print(format_results({name: result}, title=f"{args.data} {args.split} ({args.protocol}: {sizes})"))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
 
 
 def run_convert(args) -> None:
@@ -218,6 +282,8 @@ def run_build_vocab(args) -> None:
 def run_make_synthetic(args) -> None:
     from itmatch.data.synthetic import SyntheticSpec, make_synthetic
 
+    if args.out.is_dir() and any(args.out.iterdir()):
+        raise ItmatchError(f"{args.out}: not empty; make-synthetic writes only into a new or empty folder")
     splits = {name: count for name in ("train", "dev", "test") if (count := getattr(args, name)) > 0}
     spec = SyntheticSpec(n_regions=args.regions, feature_dim=args.feature_dim)
     make_synthetic(args.out, splits, seed=args.seed, spec=spec)
@@ -299,7 +365,7 @@ def run_search(args) -> None:
 def run_serve(args) -> None:
     from itmatch.service.app import serve
 
-    serve(args.index, args.host, args.port, args.rerank_k)
+    serve(args.index, args.host, args.port, args.rerank_k, args.allow_host)
 
 
 COMMANDS = {
@@ -323,6 +389,10 @@ def main(argv: list[str] | None = None) -> int:
         COMMANDS[args.command](args)
     except ItmatchError as error:
         print(f"itmatch {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    except OSError as error:  # a file the command writes or reads outside the checked paths
+        where = f"{error.filename}: " if error.filename else ""
+        print(f"itmatch {args.command}: error: {where}{error.strerror or error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         hint = f"; continue with: itmatch train ... --out {args.out} --resume" if args.command == "train" else ""

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -38,6 +39,7 @@ class LossConfig:
 
     def __post_init__(self) -> None:
         hardest_k(self.negatives)  # validates
+        _check_ranges("loss.", self, at_least={"margin": 0})
 
 
 def hardest_k(negatives: str) -> int | None:
@@ -72,6 +74,22 @@ class TrainConfig:
     # Also write last.pt every this many steps inside an epoch (0: only at epoch ends).
     checkpoint_every: int = 500
     log_every: int = 20
+
+    def __post_init__(self) -> None:
+        # A triplet loss needs a negative in the batch, so 2 captions at least.
+        lower = {"epochs": 1, "batch_size": 2, "lr_decay_epochs": 1, "eval_batch_size": 1, "log_every": 1}
+        lower |= {"dev_max_captions": 1, "weight_decay": 0}
+        _check_ranges("train.", self, at_least=lower, above={"learning_rate": 0, "lr_decay_factor": 0})
+
+
+def _check_ranges(where: str, config, at_least: dict[str, float], above: dict | None = None) -> None:
+    for name, bound in at_least.items():
+        value = getattr(config, name)
+        if value is not None and value < bound:
+            raise ConfigError(f"{where}{name} must be >= {bound}, got {value}")
+    for name, bound in (above or {}).items():
+        if getattr(config, name) <= bound:
+            raise ConfigError(f"{where}{name} must be > {bound}, got {getattr(config, name)}")
 
 
 @dataclass
@@ -124,14 +142,14 @@ def _coerce(hint: Any, value: Any, where: str) -> Any:
         if isinstance(value, bool):
             return value
         raise ConfigError(f"{where} must be true or false, got {value!r}")
-    if hint is int:
-        if isinstance(value, int) and not isinstance(value, bool):
+    if hint is int:  # no count, size or seed of any config is negative
+        if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
             return value
-        raise ConfigError(f"{where} must be an integer, got {value!r}")
+        raise ConfigError(f"{where} must be an integer >= 0, got {value!r}")
     if hint is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
             return float(value)
-        raise ConfigError(f"{where} must be a number, got {value!r}")
+        raise ConfigError(f"{where} must be a finite number, got {value!r}")
     if hint is str:
         if isinstance(value, str):
             return value
@@ -180,7 +198,7 @@ def preset_names() -> list[str]:
 
 def load_preset(name: str) -> dict:
     path = resources.files("itmatch") / "presets" / f"{name}.json"
-    if not path.is_file():
+    if name not in preset_names():  # a name, never a path to a file elsewhere
         raise ConfigError(f"unknown preset {name!r}; available: {', '.join(preset_names())}")
     return json.loads(path.read_text())
 

@@ -48,9 +48,14 @@ def create_model(architecture: str, model_config):
 
 def build_model(run_config):
     """The untrained model of a RunConfig (with its image backbone, if any), remembering the
-    config it was built from."""
-    model = create_model(run_config.architecture, run_config.model)
-    if run_config.backbone is not None:
-        model.backbone = build_backbone(run_config.backbone)
+    config it was built from. Settings no layer accepts (a size of 0, a dropout above 1) are a
+    ConfigError with torch's reason."""
+    try:
+        model = create_model(run_config.architecture, run_config.model)
+        if run_config.backbone is not None:
+            model.backbone = build_backbone(run_config.backbone)
+    except (ValueError, RuntimeError, ZeroDivisionError) as error:
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise ConfigError(f"the settings of {run_config.preset} do not make a model: {reason}") from None
     model.run_config = run_config
     return model
