@@ -20,6 +20,7 @@ from itmatch.errors import CheckpointError, ConfigError, DataError
 from itmatch.files import atomic_write
 from itmatch.models.registry import build_model
 from itmatch.models.text import from_stored_files
+from itmatch.safe_pickle import load_error
 
 FORMAT = "itmatch-checkpoint"
 VERSION = 1
@@ -57,12 +58,28 @@ def read_checkpoint(path: str | Path) -> dict:
                 f"this is an official {family.upper()} training checkpoint; convert it first with "
                 f"`itmatch convert official-{family} CKPT OUT.pt`",
             ) from None
-        raise CheckpointError(path, f"not a readable itmatch checkpoint ({type(error).__name__}: {error})") from None
+        raise CheckpointError(path, f"not a readable itmatch checkpoint ({load_error(error)})") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(path, "not an itmatch checkpoint (no 'format: itmatch-checkpoint' entry)")
     if payload.get("version") != VERSION:
         raise CheckpointError(path, f"checkpoint format version {payload.get('version')} is not supported")
+    _check_parts(payload, path)
     return payload
+
+
+# What every itmatch checkpoint holds, and the type of each part.
+PARTS = {"architecture": str, "preset": str, "config": dict, "model": dict}
+
+
+def _check_parts(payload: dict, path: Path) -> None:
+    for name, kind in PARTS.items():
+        if not isinstance(payload.get(name), kind):
+            raise CheckpointError(path, f"is damaged: its {name!r} entry is missing or not a {kind.__name__}")
+    if not all(isinstance(key, str) and isinstance(value, torch.Tensor) for key, value in payload["model"].items()):
+        raise CheckpointError(path, "is damaged: its 'model' entry is not a state dict of tensors")
+    for name, kind in (("vocab", list), ("state", dict), ("optimizer", dict), ("text_encoder_files", dict)):
+        if payload.get(name) is not None and not isinstance(payload[name], kind):
+            raise CheckpointError(path, f"is damaged: its {name!r} entry is not a {kind.__name__}")
 
 
 # The official training scripts save {"model": [state dicts of the parts], "opt": Namespace}.

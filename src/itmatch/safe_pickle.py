@@ -114,5 +114,15 @@ def _read_header(path: Path, file) -> tuple:
     return np.lib.format.read_array_header_2_0(file)
 
 
+def load_error(error: BaseException) -> str:
+    """One line on why torch.load(weights_only=True) failed. Its own message spans several lines
+    and suggests weights_only=False, i.e. running the file's code: never the advice here."""
+    if isinstance(error, pickle.UnpicklingError):
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(error))
+        what = f" ({found.group(1)})" if found else ""
+        return f"holds pickled objects beyond tensors and plain data{what}; refused, as loading them could run code"
+    return f"{type(error).__name__}: {_first_line(error)}"
+
+
 def _first_line(error: BaseException) -> str:
     return (str(error).strip().splitlines() or [""])[0]

@@ -14,6 +14,7 @@ from itmatch.config import RunConfig
 from itmatch.data.vocab import Vocabulary
 from itmatch.errors import CheckpointError
 from itmatch.models.registry import build_model
+from itmatch.safe_pickle import load_error
 
 # (part index, regular expression on the official key, replacement giving the itmatch key)
 KeyMap = list[tuple[int, str, str]]
@@ -29,9 +30,7 @@ def read_official_checkpoint(path: str | Path) -> dict:
         with torch.serialization.safe_globals([argparse.Namespace]):
             payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
-        raise CheckpointError(
-            path, f"cannot be read as a PyTorch checkpoint ({type(error).__name__}: {error})"
-        ) from None
+        raise CheckpointError(path, f"cannot be read as a PyTorch checkpoint ({load_error(error)})") from None
     if not isinstance(payload, dict) or "model" not in payload or "opt" not in payload:
         raise CheckpointError(path, "not an official training checkpoint: expected a dict with 'model' and 'opt'")
     if not isinstance(payload["opt"], argparse.Namespace):
@@ -48,6 +47,8 @@ def map_state(parts, part_names: list[str], key_map: KeyMap, model: str, path: P
         )
     state = {}
     for index, part in enumerate(parts):
+        if not isinstance(part, dict) or not all(isinstance(value, torch.Tensor) for value in part.values()):
+            raise CheckpointError(path, f"'model' part {index} ({part_names[index]}) is not a state dict of tensors")
         for key, value in part.items():
             state[_map_key(index, key, key_map, part_names, model, path)] = value
     return state

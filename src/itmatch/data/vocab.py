@@ -95,8 +95,14 @@ class Vocabulary:
             data = json.loads(path.read_bytes())
         except FileNotFoundError:
             raise DataError(path, "file not found") from None
+        except IsADirectoryError:
+            raise DataError(path, "is a folder; name the vocabulary JSON file") from None
+        except OSError as error:
+            raise DataError(path, f"cannot be read ({error.strerror or error})") from None
         except (json.JSONDecodeError, UnicodeDecodeError) as error:
             raise DataError(path, f"is not valid JSON ({error})") from None
+        except RecursionError:
+            raise DataError(path, "is nested too deeply to be a vocabulary") from None
         words = data if isinstance(data, list) else _scan_words(path, data)
         problem = _words_problem(words)
         if problem:

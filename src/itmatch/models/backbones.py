@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from itmatch.errors import DataError
+from itmatch.safe_pickle import load_error
 
 # torchvision's ImageNet normalisation, part of its weights' contract: backbones take uint8 or
 # [0, 1] pixels and normalise them themselves.
@@ -232,7 +233,7 @@ def _read_state_dict(path: Path) -> dict[str, Tensor]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises many types for foreign or damaged files
-        raise DataError(path, f"not a readable PyTorch state dict ({type(error).__name__}: {error})") from None
+        raise DataError(path, f"not a readable PyTorch state dict ({load_error(error)})") from None
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]  # a training checkpoint wrapping the weights
     if not isinstance(state, dict) or not all(torch.is_tensor(value) for value in state.values()):
