@@ -1,17 +1,20 @@
 """The search service: JSON endpoints over one index, the index's pictures, and the web page, all
-served by one FastAPI app (`itmatch serve`). The OpenAPI schema is at /openapi.json, its
-interactive form at /docs.
+served by one FastAPI app (`itmatch serve`). The OpenAPI schema is at /openapi.json; there is no
+/docs page, whose Swagger UI would load its scripts from a third-party CDN.
 
 Every error is a JSON body {"error": message} with a 4xx status: 422 for a request outside the
 limits or of the wrong type, 400 for a request the index cannot answer (an unknown image, an
 explanation from a model that has none), 404 for an unknown path. Pictures are looked up by image
-number only, so no file outside the index folder can be reached.
+number only, and served only when the resolved path is a regular file inside the index's picture
+folder (a symlink pointing elsewhere is a 404). With `allowed_hosts`, a request whose Host header
+is none of them gets a 400: a page of another origin cannot read the index through DNS rebinding.
 """
 
 from __future__ import annotations
 
 import threading
 from importlib import resources
+from pathlib import Path as FilePath
 from typing import Annotated
 
 from fastapi import FastAPI, HTTPException, Path, Query, Request
@@ -109,8 +112,22 @@ RerankK = Annotated[
 ImageNumber = Annotated[int, Query(ge=0, description="image number in the index")]
 
 
-def create_app(index: SearchIndex, default_rerank_k: int | None = None) -> FastAPI:
-    app = FastAPI(title="itmatch search", description="Image-text search over an itmatch index.", version="1")
+LOOPBACK_NAMES = ["127.0.0.1", "localhost", "::1", "[::1]"]
+
+
+def create_app(
+    index: SearchIndex, default_rerank_k: int | None = None, allowed_hosts: list[str] | None = None
+) -> FastAPI:
+    """The app of `index`; `allowed_hosts`: the Host header names it answers (None: any)."""
+    app = FastAPI(
+        title="itmatch search",
+        description="Image-text search over an itmatch index.",
+        version="1",
+        docs_url=None,
+        redoc_url=None,
+    )
+    if allowed_hosts is not None:
+        _check_host_header(app, allowed_hosts)
     # One query at a time on the model: a single call already keeps every core busy.
     model_lock = threading.Lock()
     page = resources.files("itmatch.service").joinpath("static/index.html").read_text(encoding="utf-8")
@@ -173,15 +190,50 @@ def create_app(index: SearchIndex, default_rerank_k: int | None = None) -> FastA
         """The picture of an indexed image (JPEG, longest side 384 pixels)."""
         if image >= index.n_images:
             raise HTTPException(404, f"no image {image} in the index: it has {index.n_images} images")
-        return FileResponse(index.picture_path(image), media_type="image/jpeg")
+        return FileResponse(_picture_file(index, image), media_type="image/jpeg")
 
     return app
 
 
-def serve(folder, host: str = "127.0.0.1", port: int = 8000, rerank_k: int | None = None) -> None:
+def _picture_file(index: SearchIndex, image: int) -> FilePath:
+    """The picture's real path, if it is a regular file inside the index's picture folder."""
+    folder = index.picture_path(0).parent.resolve()
+    path = index.picture_path(image).resolve()
+    if not (path.is_relative_to(folder) and path.is_file()):
+        raise HTTPException(404, f"image {image} has no picture in the index folder")
+    return path
+
+
+def _check_host_header(app: FastAPI, allowed_hosts: list[str]) -> None:
+    allowed = {name.lower() for name in allowed_hosts}
+
+    @app.middleware("http")
+    async def refuse_other_hosts(request: Request, call_next):
+        host = request.headers.get("host", "").lower()
+        name = host.rsplit(":", 1)[0] if not host.endswith("]") else host  # drop the port
+        if name not in allowed:
+            message = f"Host {host!r} is not served here; start `itmatch serve` with --allow-host {name or 'NAME'}"
+            return JSONResponse({"error": message}, status_code=400)
+        return await call_next(request)
+
+
+def allowed_host_names(host: str, extra: list[str]) -> list[str]:
+    """The bound address, its loopback names when it is one, and the --allow-host names."""
+    names = [host, *extra]
+    if host in LOOPBACK_NAMES or host.startswith("127."):
+        names += LOOPBACK_NAMES
+    return names
+
+
+def serve(
+    folder, host: str = "127.0.0.1", port: int = 8000, rerank_k: int | None = None, allow_hosts: list[str] = ()
+) -> None:
     """Runs the service on an index folder until interrupted."""
     import uvicorn
 
+    if rerank_k is not None and not 1 <= rerank_k <= MAX_RERANK_K:
+        raise ItmatchError(f"--rerank-k must be 1..{MAX_RERANK_K}, got {rerank_k}")
     index = SearchIndex.open(folder)
+    app = create_app(index, rerank_k, allowed_host_names(host, list(allow_hosts)))
     print(f"itmatch search: {index.n_images:,} images; open http://{host}:{port}/ (Ctrl+C stops)", flush=True)
-    uvicorn.run(create_app(index, rerank_k), host=host, port=port, log_level="warning")
+    uvicorn.run(app, host=host, port=port, log_level="warning")

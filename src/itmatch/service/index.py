@@ -25,9 +25,10 @@ from itmatch.checkpoint import load_checkpoint
 from itmatch.data.precomp import PrecompSplit, read_captions
 from itmatch.errors import CheckpointError, DataError, InputError
 from itmatch.evaluation.runner import encode_split
-from itmatch.files import atomic_write, sha256
+from itmatch.files import LOCK_FILE, atomic_write, folder_lock, remove_leftover_temps, sha256
 from itmatch.models.base import Encoded, Matcher
 from itmatch.retrieval import embeddings, encode_queries
+from itmatch.safe_pickle import load_error
 from itmatch.service.render import blank_picture, draw_scene, read_photo, save_picture
 
 FORMAT = "itmatch-index"
@@ -39,6 +40,8 @@ PICTURES = "pictures"
 # absolute), and the synthetic generator's scene descriptions.
 PHOTO_PATHS = "{split}_paths.txt"
 SCENES = "{split}_scenes.jsonl"
+INDEX_KEYS = ("checkpoint_sha256", "sources", "images", "captions", "caption_image", "boxes")
+INDEX_KEYS += ("encoded_images", "encoded_texts", "first_stage")
 # Synthetic scenes without a sizes file are drawn at this (w, h).
 DEFAULT_SIZE = (640, 480)
 
@@ -88,17 +91,26 @@ class SearchIndex:
     def open(cls, folder: str | Path, device: torch.device | str | None = None) -> SearchIndex:
         """The index in `folder`, its model on `device` (default: CUDA if present)."""
         folder = Path(folder)
-        payload = _read_index_file(folder / INDEX_FILE)
+        path = folder / INDEX_FILE
+        payload = _read_index_file(path)
+        if _sha256(folder / MODEL_FILE) != payload["checkpoint_sha256"]:
+            raise DataError(
+                folder / MODEL_FILE,
+                f"is not the checkpoint this index was built with ({INDEX_FILE} records another hash)",
+            )
         model = load_checkpoint(folder / MODEL_FILE, device)
-        gallery = Gallery(
-            payload["images"],
-            payload["captions"],
-            payload["caption_image"],
-            payload["boxes"],
-            _decode_encoded(payload["encoded_images"]).to(model.device),
-            _decode_encoded(payload["encoded_texts"]).to(model.device),
-        )
-        first_stage = {name: faiss.deserialize_index(data.numpy()) for name, data in payload["first_stage"].items()}
+        try:
+            gallery = Gallery(
+                payload["images"],
+                payload["captions"],
+                payload["caption_image"],
+                payload["boxes"],
+                _decode_encoded(payload["encoded_images"]).to(model.device),
+                _decode_encoded(payload["encoded_texts"]).to(model.device),
+            )
+            first_stage = {name: _faiss_index(data) for name, data in payload["first_stage"].items()}
+        except (KeyError, TypeError, AttributeError, ValueError, RuntimeError) as error:
+            raise DataError(path, f"is damaged ({type(error).__name__}: {_first_line(error)})") from None
         return cls(folder, model, payload["checkpoint_sha256"], payload["sources"], gallery, first_stage)
 
     @classmethod
@@ -110,7 +122,7 @@ class SearchIndex:
                 encode_queries(model, ["a"])
         except InputError as error:
             raise CheckpointError(checkpoint, f"cannot be searched by text: {error}") from None
-        leftovers = {p.name for p in folder.iterdir()} - {MODEL_FILE, PICTURES} if folder.is_dir() else set()
+        leftovers = {p.name for p in folder.iterdir()} - {MODEL_FILE, PICTURES, LOCK_FILE} if folder.is_dir() else set()
         if leftovers:
             raise DataError(folder, f"is not an itmatch index (no {INDEX_FILE}) and not empty; choose a new folder")
         folder.mkdir(parents=True, exist_ok=True)
@@ -161,7 +173,15 @@ def build_index(
     """Adds the images of `data_dir`'s split that `folder`'s index lacks (creating the index);
     returns the index and the number of images added."""
     split = PrecompSplit(data_dir, split_name)
-    index = _open_or_create(Path(folder), Path(checkpoint), device)
+    folder = Path(folder)
+    with folder_lock(folder, "index folder"):
+        for temps in (folder, folder / PICTURES):
+            remove_leftover_temps(temps)
+        return _add_split(split, data_dir, split_name, folder, Path(checkpoint), batch_size, progress, device)
+
+
+def _add_split(split, data_dir, split_name, folder, checkpoint, batch_size, progress, device):
+    index = _open_or_create(folder, checkpoint, device)
     if index.gallery is not None and index.gallery.boxes.shape[1] != split.n_regions:
         raise DataError(
             split.features_path,
@@ -225,10 +245,20 @@ def _write_pictures(
         if image["path"] is not None:
             picture = read_photo(Path(image["path"]))
         elif scenes is not None:
-            picture = draw_scene(scenes[row], width, height)
+            picture = _draw_scene(split, row, scenes[row], width, height)
         else:
             picture = blank_picture(width, height)
         save_picture(picture, index.picture_path(first + offset))
+
+
+def _draw_scene(split: PrecompSplit, row: int, objects, width: int, height: int):
+    try:
+        return draw_scene(objects, width, height)
+    except (KeyError, TypeError, ValueError) as error:
+        path = split.data_dir / SCENES.format(split=split.split)
+        raise DataError(
+            path, f"line {row + 1}: not a scene of objects with box, colour and category ({error!r})"
+        ) from None
 
 
 def _image_ids(split: PrecompSplit) -> list[str]:
@@ -279,15 +309,28 @@ def _decode_encoded(stored: dict) -> Encoded:
     return Encoded(stored["tensors"], frozenset(stored["padded"]))
 
 
+def _faiss_index(data: Tensor) -> faiss.Index:
+    if not isinstance(data, Tensor) or data.dtype != torch.uint8 or data.dim() != 1:
+        raise ValueError("a first-stage index is not a byte tensor")
+    return faiss.deserialize_index(data.numpy())  # faiss raises RuntimeError for bad bytes
+
+
+def _first_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [""])[0]
+
+
 def _read_index_file(path: Path) -> dict:
     if not path.is_file():
         raise DataError(path, "no such file: not an itmatch index folder (build one with `itmatch index`)")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises many types for damaged files
-        raise DataError(path, f"is not a readable index ({type(error).__name__}: {error})") from None
+        raise DataError(path, f"is not a readable index ({load_error(error)})") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise DataError(path, f"is not an itmatch index (no 'format: {FORMAT}' entry)")
     if payload.get("version") != VERSION:
         raise DataError(path, f"index format version {payload.get('version')} is not supported")
+    missing = [key for key in INDEX_KEYS if key not in payload]
+    if missing:
+        raise DataError(path, f"is damaged: no {', '.join(missing)}")
     return payload

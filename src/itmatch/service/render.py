@@ -4,6 +4,7 @@ its colour at its box, labelled with its category."""
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont, UnidentifiedImageError
@@ -64,10 +65,15 @@ def draw_scene(objects: list[dict], width: int, height: int) -> Image.Image:
 def read_photo(path: Path) -> Image.Image:
     """A photo reduced to the picture size; an unreadable file is a DataError naming it."""
     try:
-        with Image.open(path) as photo:
-            photo = photo.convert("RGB")
+        with warnings.catch_warnings():
+            # Past Image.MAX_IMAGE_PIXELS Pillow only warns (an error past twice that): refuse both.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as photo:
+                photo = photo.convert("RGB")
     except FileNotFoundError:
         raise DataError(path, "image file not found") from None
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError) as error:
+        raise DataError(path, f"is too large to decode safely ({error})") from None
     except (UnidentifiedImageError, OSError) as error:
         raise DataError(path, f"is not a readable image ({error})") from None
     return photo.resize(picture_size(*photo.size), Image.Resampling.LANCZOS)
