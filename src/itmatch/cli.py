@@ -12,6 +12,7 @@ from pathlib import Path
 
 from itmatch.convert import CONVERTERS
 from itmatch.errors import InputError, ItmatchError
+from itmatch.evaluation.posthoc import FUSIONS, PostHoc
 from itmatch.files import atomic_write
 from itmatch.models.backbones import RESNET_LAYOUTS
 from itmatch.retrieval import CANDIDATES
@@ -94,6 +95,21 @@ def build_parser() -> argparse.ArgumentParser:
         type=positive_float,
         metavar="TEMP",
         help="rank by scores / TEMP softmax-normalised over queries",
+    )
+    evaluate.add_argument(
+        "--csls", type=positive_int, metavar="K", help="rank by CSLS: scores less each side's mean of its K best"
+    )
+    evaluate.add_argument(
+        "--reciprocal",
+        type=positive_int,
+        metavar="K",
+        help="re-sort each query's top K by the rank the query gets back from each candidate",
+    )
+    evaluate.add_argument(
+        "--fuse",
+        default="mean",
+        choices=FUSIONS,
+        help="of several checkpoints: average the scores, or weigh each per query (adaptive metric fusion)",
     )
     evaluate.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"], help="of pair scoring")
     evaluate.add_argument(
@@ -219,6 +235,8 @@ def run_evaluate(args) -> None:
 
     if args.json is not None and args.json.is_dir():
         raise ItmatchError(f"--json {args.json}: is a folder; name the file to write")
+    posthoc = PostHoc(args.fuse, args.inverted_softmax, args.csls, args.reciprocal)
+    posthoc.check_models(len(args.checkpoints))
     models = [load_checkpoint(path) for path in args.checkpoints]
     first_stage = load_checkpoint(args.first_stage) if args.first_stage else None
     split = open_split(args.data, args.split, progress=not args.quiet)
@@ -231,8 +249,8 @@ def run_evaluate(args) -> None:
         raise InputError(f"{', '.join(str(path) for path in files)} on {where}: {error}") from None
     result["checkpoints"] = [str(path) for path in args.checkpoints]
     name = " + ".join(model.run_config.preset for model in models)
-    if args.inverted_softmax:
-        name += f" (inverted softmax {args.inverted_softmax:g})"
+    if posthoc.active:
+        name += f" ({posthoc.describe()})"
     if args.rerank_k:
         share = f"top {args.rerank_k}" if args.candidates == "top-k" else f"{args.rerank_k} per query by margin"
         name += f" ({share} of {first_stage.run_config.preset if first_stage else 'its embeddings'})"
@@ -260,6 +278,9 @@ def _evaluate(args, models, split, first_stage) -> dict:
         rerank_k=args.rerank_k,
         first_stage=first_stage,
         candidates=args.candidates,
+        csls=args.csls,
+        reciprocal=args.reciprocal,
+        fuse=args.fuse,
     )
 
 

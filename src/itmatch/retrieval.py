@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from itmatch.errors import InputError
+from itmatch.evaluation.posthoc import PostHoc
 from itmatch.models.base import Encoded, Matcher
 
 
@@ -108,16 +109,22 @@ def search_images(
     k: int = 10,
     rerank_k: int | None = None,
     first_stage: tuple[Matcher, Encoded] | None = None,
+    posthoc: PostHoc | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Top-k images for each text query: (scores, image indices), both (n_queries, k).
 
     With `rerank_k`, only each query's `rerank_k` best images by embedding (the model's own, or
     `first_stage` = (companion model, its encoding of the same images)) are scored by the model.
+    `posthoc` stages (exhaustive scoring only) treat the batch of queries as the query set, and
+    the scores returned are theirs.
     """
     check_rerank(rerank_k)
+    if posthoc is not None and posthoc.active and rerank_k is not None:
+        raise InputError("post-hoc stages need every score: use them without rerank_k")
     texts = encode_queries(model, queries)
     if rerank_k is None:
-        scores = model.score(images, texts).T
+        scores = model.score(images, texts)
+        scores = (posthoc([scores]).t2i if posthoc else scores).T
         return scores.topk(min(k, scores.shape[1]), dim=1)
     stage_model, stage_images = first_stage or (model, images)
     stage_texts = texts if first_stage is None else encode_queries(stage_model, queries)
@@ -144,9 +151,13 @@ def rerank(
 
 
 @torch.no_grad()
-def search_texts(model: Matcher, images: Encoded, texts: Encoded, k: int = 10) -> tuple[Tensor, Tensor]:
-    """Top-k texts for each image: (scores, text indices), both (n_images, k)."""
+def search_texts(
+    model: Matcher, images: Encoded, texts: Encoded, k: int = 10, posthoc: PostHoc | None = None
+) -> tuple[Tensor, Tensor]:
+    """Top-k texts for each image: (scores, text indices), both (n_images, k). `posthoc` stages
+    treat the images as the query set, and the scores returned are theirs."""
     scores = model.score(images, texts)
+    scores = posthoc([scores]).i2t if posthoc else scores
     return scores.topk(min(k, scores.shape[1]), dim=1)
 
 

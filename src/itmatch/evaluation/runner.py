@@ -13,6 +13,7 @@ from itmatch.data.precomp import PrecompSplit
 from itmatch.data.raw import RawImageSplit
 from itmatch.errors import InputError
 from itmatch.evaluation.metrics import aggregate_folds, retrieval_metrics
+from itmatch.evaluation.posthoc import PostHoc
 from itmatch.models.base import Encoded, Matcher
 from itmatch.retrieval import check_rerank, embeddings, two_stage_scores
 
@@ -75,15 +76,20 @@ def evaluate_split(
     rerank_k: int | None = None,
     first_stage: Matcher | None = None,
     candidates: str = "top-k",
+    csls: int | None = None,
+    reciprocal: int | None = None,
+    fuse: str = "mean",
 ) -> dict:
     """Bidirectional retrieval metrics on `split` (models are put in eval mode).
 
     Several models form an ensemble: their score matrices are averaged, as the field's "ensemble"
-    rows do. `inverted_softmax` (a temperature) normalises each gallery item's scores over the
-    queries before ranking, which counters hubs (items close to every query). `rerank_k` scores
-    only each query's top k by embedding (the model's own, or those of the `first_stage` model)
-    with the full model; `candidates="margin"` shares the same budget of pairs out by the first
-    stage's confidence instead (`itmatch.retrieval.candidate_pairs`). `precision` and `compile`
+    rows do, or weighted per query with `fuse="amf"`. Post-hoc stages then run on each fold's
+    matrix (`itmatch.evaluation.posthoc`): `inverted_softmax` (a temperature) and `csls` (k)
+    counter hubs (items close to every query), `reciprocal` (k) re-sorts each query's top k by
+    the rank the query gets back. `rerank_k` scores only each query's top k by embedding (the
+    model's own, or those of the `first_stage` model) with the full model; `candidates="margin"`
+    shares the same budget of pairs out by the first stage's confidence instead
+    (`itmatch.retrieval.candidate_pairs`). `precision` and `compile`
     are those of `Matcher.score`. The result records the pairs scored and the seconds spent scoring.
     """
     if protocol not in PROTOCOLS:
@@ -92,8 +98,10 @@ def evaluate_split(
     if split.n_images % n_folds:
         raise InputError(f"{protocol} needs a number of images divisible by 5; the split has {split.n_images}")
     models = models if isinstance(models, list) else [models]
-    if rerank_k is not None and (len(models) > 1 or inverted_softmax is not None):
-        raise InputError("reranking (rerank_k) takes one model, without inverted softmax")
+    posthoc = PostHoc(fuse, inverted_softmax, csls, reciprocal)
+    posthoc.check_models(len(models))
+    if rerank_k is not None and (len(models) > 1 or posthoc.active):
+        raise InputError("reranking (rerank_k) takes one model, without post-hoc stages or fusion")
     if first_stage is not None and rerank_k is None:
         raise InputError("a first-stage model is only used with rerank_k")
     check_rerank(rerank_k, candidates)
@@ -109,12 +117,14 @@ def evaluate_split(
         texts = slice(images.start * per_image, images.stop * per_image)
         fold_codes = [(image_codes.select(images), text_codes.select(texts)) for image_codes, text_codes in encodings]
         if rerank_k is None:
-            sims = sum(
+            matrices = [
                 model.score(*codes, memory_budget, progress, precision, compile).cpu()
                 for model, codes in zip(models, fold_codes, strict=False)
-            ) / len(models)
-            i2t_sims, t2i_sims = _ranking_scores(sims, inverted_softmax)
-            pairs_scored += sims.numel() * len(models)
+            ]
+            views = posthoc(matrices)
+            i2t_sims = views.i2t.numpy()
+            t2i_sims = None if views.t2i is views.i2t else views.t2i.numpy()
+            pairs_scored += sum(sims.numel() for sims in matrices)
         else:
             stage_model, stage_codes = (
                 (first_stage, fold_codes[1]) if first_stage is not None else (models[0], fold_codes[0])
@@ -138,19 +148,12 @@ def evaluate_split(
         **result,
         "protocol": protocol,
         "inverted_softmax": inverted_softmax,
+        "csls": csls,
+        "reciprocal": reciprocal,
+        "fuse": fuse,
         "precision": precision,
         "rerank_k": rerank_k,
         "candidates": candidates if rerank_k is not None else None,
         "pairs_scored": pairs_scored,
         "scoring_seconds": round(time.perf_counter() - started, 3),
     }
-
-
-def _ranking_scores(sims: torch.Tensor, temperature: float | None) -> tuple:
-    """(scores ranking captions for each image, scores ranking images for each caption)."""
-    if temperature is None:
-        return sims.numpy(), None
-    logits = sims.double() / temperature
-    # image-to-text ranks captions: each caption's scores are normalised over the images, and
-    # text-to-image ranks images: each image's scores over the captions.
-    return torch.softmax(logits, dim=0).numpy(), torch.softmax(logits, dim=1).numpy()
