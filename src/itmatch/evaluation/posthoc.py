@@ -144,13 +144,18 @@ def _query_trust(sims: Tensor, settings: AmfSettings) -> Tensor:
     """Per query (row) of one model's matrix: floor + reciprocal consistency + gap_weight x
     query-replacement agreement."""
     k_forward, k_back = min(settings.k, sims.shape[1]), min(settings.k, sims.shape[0])
-    top = sims.topk(k_forward, dim=1).indices  # (queries, k)
-    back_ranks = ranks(sims, dim=0).gather(1, top)  # each candidate's rank of the query
-    reciprocal = (back_ranks < k_back).double().mean(1)
+    top_scores, top = sims.topk(k_forward, dim=1)  # (queries, k)
+    # The query is in a candidate's own top k when it scores at least the candidate's k-th best.
+    kth_best = sims.topk(k_back, dim=0).values[-1]
+    reciprocal = (top_scores >= kth_best[top]).double().mean(1)
     # Query replacement: the best candidate stands in for the query inside its own modality.
     profiles = torch.nn.functional.normalize(sims, dim=0)  # candidates described by their query scores
-    stand_in = profiles[:, top[:, 0]]  # (queries-dim, queries)
-    neighbours = (stand_in.T @ profiles).topk(k_forward, dim=1).indices
+    best = top[:, 0]
+    if sims.shape[0] <= sims.shape[1]:  # the cheaper product of the two equal ones
+        similarity = profiles[:, best].T @ profiles
+    else:
+        similarity = (profiles.T @ profiles)[best]
+    neighbours = similarity.topk(k_forward, dim=1).indices
     agreement = (top[:, :, None] == neighbours[:, None, :]).any(2).double().mean(1)
     return settings.floor + reciprocal + settings.gap_weight * agreement
 
