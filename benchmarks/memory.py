@@ -40,6 +40,7 @@ def resident_after_reset() -> int:
 def measure(n_images: int, budget_mib: int) -> dict:
     from itmatch import build_run_config, create_model
     from itmatch.device import default_device
+    from itmatch.scoring import ScoringOptions, score_grid
 
     torch.set_num_threads(2)
     torch.manual_seed(0)
@@ -58,7 +59,7 @@ def measure(n_images: int, budget_mib: int) -> dict:
             before = torch.cuda.memory_allocated()
         else:
             before = resident_after_reset()
-        model.score(images, texts, memory_budget=budget_mib << 20)
+        score_grid(model, images, texts, ScoringOptions(memory_budget=budget_mib << 20))
         if torch.cuda.is_available():
             peak = torch.cuda.max_memory_allocated() - before
         else:

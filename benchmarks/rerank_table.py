@@ -27,6 +27,7 @@ from itmatch.data.synthetic import SyntheticSpec, make_synthetic
 from itmatch.evaluation.metrics import retrieval_metrics
 from itmatch.evaluation.posthoc import AmfSettings, PostHoc
 from itmatch.evaluation.runner import encode_split
+from itmatch.scoring import score_grid
 from itmatch.training import train
 
 SCHEDULE = {
@@ -55,7 +56,7 @@ def scores(checkpoint: Path, split: PrecompSplit) -> tuple[torch.Tensor, float]:
     model = load_checkpoint(checkpoint).eval()
     started = time.process_time()
     with torch.no_grad():
-        sims = model.score(*encode_split(model, split, progress=False)).cpu()
+        sims = score_grid(model, *encode_split(model, split, progress=False)).cpu()
     return sims, time.process_time() - started
 
 

@@ -32,6 +32,7 @@ from itmatch.data.precomp import PrecompSplit
 from itmatch.device import default_device
 from itmatch.evaluation.metrics import retrieval_metrics
 from itmatch.evaluation.runner import evaluate_split
+from itmatch.scoring import ScoringOptions, score_grid
 
 
 def inputs(n_images: int, n_captions: int, vocab_size: int, lengths: tuple[int, int] = (12, 12), seed: int = 0):
@@ -93,7 +94,9 @@ def speed(args, device: torch.device) -> None:
             model, images["regions"], adjacency, texts["words"], lengths.tolist()
         ),
         **{
-            variant: lambda p=variant[0], c=variant[1]: model.score(images, texts, precision=p, compile=c)
+            variant: lambda p=variant[0], c=variant[1]: score_grid(
+                model, images, texts, ScoringOptions(precision=p, compile=c)
+            )
             for variant in variants
         },
     }
@@ -127,7 +130,9 @@ def trained_rsum(args) -> None:
     model = load_checkpoint(args.trained)
     split = PrecompSplit(args.data, "test")
     for precision, compile in scoring_variants(model.device):
-        result = evaluate_split(model, split, progress=False, precision=precision, compile=compile)
+        result = evaluate_split(
+            model, split, progress=False, scoring=ScoringOptions(precision=precision, compile=compile)
+        )
         print(
             f"trained {model.run_config.preset} on {args.data} test ({split.n_images} images): "
             f"{precision} {'compiled' if compile else 'eager'} rSum {result['rsum']:.2f} "

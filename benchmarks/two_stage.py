@@ -24,6 +24,7 @@ from itmatch.data.precomp import PrecompSplit
 from itmatch.data.synthetic import SyntheticSpec, make_synthetic
 from itmatch.evaluation.runner import encode_split, evaluate_split
 from itmatch.retrieval import CANDIDATES, embeddings
+from itmatch.scoring import ScoringOptions
 from itmatch.training import train
 
 SCHEDULE = {
@@ -68,7 +69,7 @@ def main() -> None:
     test = PrecompSplit(data, "test")
 
     def run(**options) -> dict:
-        return evaluate_split(model, test, progress=False, precision=args.precision, **options)
+        return evaluate_split(model, test, progress=False, scoring=ScoringOptions(precision=args.precision), **options)
 
     exhaustive = run()
     print(

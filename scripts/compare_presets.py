@@ -22,6 +22,7 @@ from itmatch.config import merge
 from itmatch.data.precomp import PrecompSplit
 from itmatch.data.synthetic import SyntheticSpec, make_synthetic
 from itmatch.evaluation.runner import encode_split, evaluate_split
+from itmatch.scoring import score_grid
 from itmatch.training import train
 
 SPLITS = {"train": 1000, "dev": 100, "test": 200}
@@ -45,9 +46,9 @@ def scoring_rate(checkpoint: Path, split: PrecompSplit) -> float:
     model = load_checkpoint(checkpoint)
     images, texts = encode_split(model, split, progress=False)
     with torch.no_grad():
-        model.score(images.select(slice(0, 10)), texts.select(slice(0, 50)))  # warm-up
+        score_grid(model, images.select(slice(0, 10)), texts.select(slice(0, 50)))  # warm-up
         started = time.perf_counter()
-        model.score(images, texts)
+        score_grid(model, images, texts)
     return len(images) * len(texts) / (time.perf_counter() - started)
 
 

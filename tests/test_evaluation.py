@@ -16,6 +16,7 @@ from itmatch.data.vocab import build_vocab_for_dir
 from itmatch.evaluation.metrics import retrieval_metrics
 from itmatch.evaluation.runner import encode_split, evaluate_split
 from itmatch.models.registry import build_model
+from itmatch.scoring import score_grid
 
 SIZES = {"embed_size": 16, "text": {"word_dim": 8}}
 
@@ -46,7 +47,7 @@ def untrained(preset: str, split: PrecompSplit, seed: int):
 def full_scores(model, split) -> torch.Tensor:
     images, texts = encode_split(model, split, progress=False)
     with torch.no_grad():
-        return model.score(images, texts).float()
+        return score_grid(model, images, texts).float()
 
 
 def test_single_model_matches_metrics_of_its_score_matrix(split):

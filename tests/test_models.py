@@ -13,6 +13,7 @@ from itmatch.errors import InputError
 from itmatch.losses import triplet_ranking_loss
 from itmatch.models.base import Encoded
 from itmatch.models.cmcan import neighbour_counts
+from itmatch.scoring import ScoringOptions, score_grid, score_pairs
 
 SMALL = {"vocab_size": 30, "img_dim": 20, "embed_size": 24, "text": {"word_dim": 16}}
 N_REGIONS = 9
@@ -52,10 +53,13 @@ def test_score_equals_pair_by_pair_scoring(model):
     features, tokens, lengths, adjacency = inputs()
     with torch.no_grad():
         images, texts = model.encode_images(features, adjacency), model.encode_texts(tokens, lengths)
-        batched = model.score(images, texts)
+        batched = score_grid(model, images, texts)
         single = torch.tensor(
             [
-                [model.score(images.select(slice(i, i + 1)), texts.select(slice(j, j + 1))).item() for j in range(6)]
+                [
+                    score_grid(model, images.select(slice(i, i + 1)), texts.select(slice(j, j + 1))).item()
+                    for j in range(6)
+                ]
                 for i in range(4)
             ]
         )
@@ -87,7 +91,7 @@ def test_embedding_model_scores_by_dot_product():
     with torch.no_grad():
         images, texts = model.encode_images(features), model.encode_texts(tokens, lengths)
     torch.testing.assert_close(images["vector"].norm(dim=1), torch.ones(4))
-    torch.testing.assert_close(model.score(images, texts), images["vector"] @ texts["vector"].T)
+    torch.testing.assert_close(score_grid(model, images, texts), images["vector"] @ texts["vector"].T)
 
 
 @pytest.mark.parametrize(
@@ -157,8 +161,10 @@ def test_scoring_a_list_of_pairs_gives_the_grid_entries(model):
     )
     with torch.no_grad():
         images, texts = model.encode_images(features, adjacency), model.encode_texts(tokens, lengths)
-        grid = model.score(images, texts)
-        listed = model.score_pair_list(images, texts, image_index, text_index, memory_budget=1)  # 1 pair a chunk
+        grid = score_grid(model, images, texts)
+        listed = score_pairs(
+            model, images, texts, image_index, text_index, ScoringOptions(memory_budget=1)
+        )  # 1 pair a chunk
     torch.testing.assert_close(listed, grid[image_index, text_index], atol=1e-5, rtol=0)
 
 
@@ -184,9 +190,9 @@ def test_compiled_scoring_equals_eager():
     pairs = torch.tensor([0, 4, 2, 2]), torch.tensor([6, 0, 3, 5])
     with torch.no_grad():
         images, texts = model.encode_images(features, adjacency), model.encode_texts(tokens, lengths)
-        eager = model.score(images, texts, memory_budget=1 << 14)  # several tiles
-        compiled = model.score(images, texts, memory_budget=1 << 14, compile=True)
-        listed = model.score_pair_list(images, texts, *pairs, compile=True)
+        eager = score_grid(model, images, texts, ScoringOptions(memory_budget=1 << 14))  # several tiles
+        compiled = score_grid(model, images, texts, ScoringOptions(memory_budget=1 << 14, compile=True))
+        listed = score_pairs(model, images, texts, *pairs, ScoringOptions(compile=True))
     torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=0)
     torch.testing.assert_close(listed, eager[pairs], atol=1e-5, rtol=0)
 

@@ -12,8 +12,8 @@ from conftest import SHARED
 from itmatch.checkpoint import load_checkpoint
 from itmatch.convert.cmcan import convert_official_cmcan
 from itmatch.errors import CheckpointError
-from itmatch.models.base import grid_view
 from itmatch.models.cmcan import neighbour_slots
+from itmatch.scoring import ScoringOptions, grid_view, score_grid
 
 FIXTURES = SHARED / "fixtures"
 OFFICIAL = FIXTURES / "cmcan_official_small_ckpt.pth.tar"
@@ -85,7 +85,7 @@ def test_caption_order_and_tiling_do_not_matter(model, io):
     with torch.no_grad():
         image_codes = model.encode_images(images, adjacency)
         text_codes = model.encode_texts(captions[order], lengths[order])
-        tiny_tiles = model.score(image_codes, text_codes, memory_budget=1)  # one pair per tile
+        tiny_tiles = score_grid(model, image_codes, text_codes, ScoringOptions(memory_budget=1))  # one pair per tile
     close(tiny_tiles, io["sims"][:, order.numpy()])
 
 

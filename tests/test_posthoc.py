@@ -243,10 +243,11 @@ def gallery(tmp_path_factory):
 def scores_of(checkpoint, split) -> torch.Tensor:
     from itmatch.checkpoint import load_checkpoint
     from itmatch.evaluation.runner import encode_split
+    from itmatch.scoring import score_grid
 
     model = load_checkpoint(checkpoint).eval()
     with torch.no_grad():
-        return model.score(*encode_split(model, split, progress=False))
+        return score_grid(model, *encode_split(model, split, progress=False))
 
 
 def test_evaluate_split_applies_the_stages_per_fold(gallery):
@@ -284,6 +285,7 @@ def test_batch_retrieval_ranks_by_the_stages(gallery):
     from itmatch.checkpoint import load_checkpoint
     from itmatch.data.precomp import PrecompSplit
     from itmatch.evaluation.runner import encode_split
+    from itmatch.scoring import score_grid
     from itmatch.retrieval import search_images, search_texts
 
     data, checkpoints = gallery

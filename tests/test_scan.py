@@ -20,6 +20,7 @@ from itmatch.data.precomp import PrecompSplit
 from itmatch.data.synthetic import SyntheticSpec, make_synthetic
 from itmatch.errors import CheckpointError
 from itmatch.evaluation.runner import evaluate_split
+from itmatch.scoring import ScoringOptions, score_grid
 from itmatch.training import train
 
 ATOL = 1e-5
@@ -145,7 +146,7 @@ def test_batched_scores_equal_the_official_loop(direction, pooling, raw_feature_
         sims = model.similarity(features, tokens, lengths)
         images, texts = model.encode_images(features), model.encode_texts(tokens, lengths)
         expected = ref_scores(images["regions"], texts["words"], lengths, ref_opt(model.config))
-        one_pair_tiles = model.score(images, texts, memory_budget=1)
+        one_pair_tiles = score_grid(model, images, texts, ScoringOptions(memory_budget=1))
     assert sims.shape == (5, 7)
     torch.testing.assert_close(sims, expected, atol=ATOL, rtol=0)
     torch.testing.assert_close(one_pair_tiles, expected, atol=ATOL, rtol=0)
@@ -160,7 +161,7 @@ def test_official_sizes_equal_the_official_loop(preset):
     features = features.clamp(min=0)  # like bottom-up features (ReLU outputs)
     with torch.no_grad():
         images, texts = model.encode_images(features), model.encode_texts(tokens, lengths)
-        sims = model.score(images, texts)
+        sims = score_grid(model, images, texts)
         expected = ref_scores(images["regions"], texts["words"], lengths, ref_opt(model.config))
     torch.testing.assert_close(sims, expected, atol=ATOL, rtol=0)
 
@@ -186,7 +187,7 @@ def test_any_number_of_regions_and_no_image_norm():
         with torch.no_grad():
             images, texts = model.encode_images(features), model.encode_texts(tokens, lengths)
             expected = ref_scores(images["regions"], texts["words"], lengths, ref_opt(model.config))
-            torch.testing.assert_close(model.score(images, texts), expected, atol=ATOL, rtol=0)
+            torch.testing.assert_close(score_grid(model, images, texts), expected, atol=ATOL, rtol=0)
 
 
 def test_presets_encode_the_readme_commands():

@@ -16,6 +16,7 @@ from service_setup import make_checkpoint, make_gallery
 import itmatch.service.index as index_module
 from itmatch.cli import main
 from itmatch.data.tokenizer import tokenize
+from itmatch.scoring import score_grid, score_pairs
 from itmatch.service.app import MAX_K, MAX_RERANK_K, MAX_TEXT_LENGTH, create_app
 from itmatch.service.index import SearchIndex
 from itmatch.service.render import COLOUR_RGB
@@ -194,7 +195,7 @@ def test_scores_are_the_model_scores_and_rerank_over_everything_is_exhaustive(cm
     model, gallery = cmcan_index.model, cmcan_index.gallery
     exhaustive = search_by_text(cmcan_index, QUERY, 5)
     tokens, lengths = model.vocab.encode_batch([QUERY])
-    expected = model.score(gallery.encoded_images, model.encode_texts(tokens, lengths))[:, 0]
+    expected = score_grid(model, gallery.encoded_images, model.encode_texts(tokens, lengths))[:, 0]
     assert [r["image"] for r in exhaustive["results"]] == expected.argsort(descending=True)[:5].tolist()
     assert search_by_text(cmcan_index, QUERY, 5, rerank_k=24)["results"] == exhaustive["results"]
     reranked = search_by_text(cmcan_index, QUERY, 5, rerank_k=3)["results"]
@@ -214,7 +215,7 @@ def test_cmcan_explains_pairs_with_the_scores_it_gives(cmcan_index):
     images, texts = gallery.encoded_images.select(slice(0, 3)), gallery.encoded_texts.select(slice(0, 3))
     explained = model.explain(images, texts)
     pairs = torch.arange(3)
-    torch.testing.assert_close(explained["score"], model.score_pair_list(images, texts, pairs, pairs))
+    torch.testing.assert_close(explained["score"], score_pairs(model, images, texts, pairs, pairs))
     confidence, attention, mask = explained["region_confidence"], explained["word_attention"], texts["mask"]
     assert confidence.shape == (3, 8) and ((confidence > 0) & (confidence < 1)).all()
     torch.testing.assert_close(attention.sum(-1), mask.float())  # each word's weights sum to 1, padding's to 0

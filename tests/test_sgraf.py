@@ -25,6 +25,7 @@ from itmatch.data.synthetic import SyntheticSpec, make_synthetic
 from itmatch.data.vocab import SPECIALS, Vocabulary
 from itmatch.errors import CheckpointError
 from itmatch.evaluation.runner import evaluate_split
+from itmatch.scoring import ScoringOptions, score_grid
 from itmatch.training import train
 
 ATOL = 1e-5
@@ -209,7 +210,9 @@ def test_batched_scores_equal_the_official_per_caption_loop(preset):
     with torch.no_grad():
         expected = ref_scores(official_parts(model), module, images, tokens, lengths)
         sims = model.similarity(images, tokens, lengths)
-        tiny_tiles = model.score(model.encode_images(images), model.encode_texts(tokens, lengths), memory_budget=1)
+        tiny_tiles = score_grid(
+            model, model.encode_images(images), model.encode_texts(tokens, lengths), ScoringOptions(memory_budget=1)
+        )
     assert sims.shape == (5, 7)
     torch.testing.assert_close(sims, expected, atol=ATOL, rtol=0)
     torch.testing.assert_close(tiny_tiles, expected, atol=ATOL, rtol=0)
@@ -462,5 +465,5 @@ def test_score_takes_every_option_of_the_common_interface():
     images, tokens, lengths = inputs()
     with torch.no_grad():
         encoded = model.encode_images(images), model.encode_texts(tokens, lengths)
-        options = model.score(*encoded, memory_budget=1, progress=False, precision="fp32", compile=False)
-        torch.testing.assert_close(options, model.score(*encoded))
+        options = score_grid(model, *encoded, ScoringOptions(memory_budget=1, precision="fp32", compile=False))
+        torch.testing.assert_close(options, score_grid(model, *encoded))

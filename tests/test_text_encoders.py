@@ -20,6 +20,7 @@ from itmatch.losses import triplet_ranking_loss
 from itmatch.models import text
 from itmatch.models.registry import build_model
 from itmatch.models.text import GRUTextEncoder, PretrainedTextEncoder
+from itmatch.scoring import ScoringOptions, score_grid
 from itmatch.training import _optimizer, train
 
 transformers = pytest.importorskip("transformers", reason="the pretrained text encoders need transformers")
@@ -104,7 +105,7 @@ def test_pretrained_encoder_in_every_model(tiny_bert, preset):
     model.eval()
     with torch.no_grad():
         encoded = model.encode_texts(tokens, lengths)
-        scores = model.score(model.encode_images(features, adjacency), encoded)
+        scores = score_grid(model, model.encode_images(features, adjacency), encoded)
     assert scores.shape == (4, 3) and torch.isfinite(scores).all()
     if "words" in encoded:  # cross attention: a vector per token, zero at padding
         mask = torch.arange(tokens.shape[1])[None, :] < lengths[:, None]
@@ -137,7 +138,7 @@ def test_cross_attention_scoring_in_bf16_copies_the_pretrained_model(tiny_bert):
     features, adjacency = images(2)
     with torch.no_grad():
         encoded = model.encode_images(features, adjacency), model.encode_texts(*model.tokenize(CAPTIONS))
-        full, low = model.score(*encoded), model.score(*encoded, precision="bf16")
+        full, low = score_grid(model, *encoded), score_grid(model, *encoded, ScoringOptions(precision="bf16"))
     torch.testing.assert_close(low, full, atol=0.05, rtol=0)
 
 

@@ -263,18 +263,18 @@ def run_evaluate(args) -> None:
 
 def _evaluate(args, models, split, first_stage) -> dict:
     from itmatch.evaluation.runner import evaluate_split
+    from itmatch.scoring import ScoringOptions
 
+    scoring = ScoringOptions(args.memory_budget, args.precision, args.compile, progress=not args.quiet)
     return evaluate_split(
         models,
         split,
         args.protocol,
         args.batch_size,
-        args.memory_budget,
         args.workers,
         not args.quiet,
         args.inverted_softmax,
-        precision=args.precision,
-        compile=args.compile,
+        scoring=scoring,
         rerank_k=args.rerank_k,
         first_stage=first_stage,
         candidates=args.candidates,

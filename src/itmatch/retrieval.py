@@ -16,6 +16,7 @@ from torch import Tensor
 from itmatch.errors import InputError
 from itmatch.evaluation.posthoc import PostHoc
 from itmatch.models.base import Encoded, Matcher
+from itmatch.scoring import DEFAULT, ScoringOptions, score_grid, score_pairs
 
 
 def embeddings(model: Matcher, encoded: Encoded) -> Tensor:
@@ -53,9 +54,7 @@ def two_stage_scores(
     first_images: Tensor,
     first_texts: Tensor,
     k: int,
-    memory_budget: int | None = None,
-    precision: str = "fp32",
-    compile: bool = False,
+    scoring: ScoringOptions = DEFAULT,
     candidates: str = "top-k",
 ) -> tuple[Tensor, int]:
     """The (n_images, n_texts) score matrix for ranking both ways after the full model rescored
@@ -69,10 +68,7 @@ def two_stage_scores(
     n_texts = len(first_texts)
     first = first_images @ first_texts.T
     pairs = candidate_pairs(first, k, candidates, first_images, first_texts)
-    device = model.device
-    full = model.score_pair_list(
-        images, texts, (pairs // n_texts).to(device), (pairs % n_texts).to(device), memory_budget, precision, compile
-    ).cpu()
+    full = score_pairs(model, images, texts, pairs // n_texts, pairs % n_texts, scoring).cpu()
     scores = first.clone()
     scores.view(-1)[pairs] = full + (first.max() - full.min() + 1)  # above every first-stage score
     return scores, len(pairs)
@@ -123,7 +119,7 @@ def search_images(
         raise InputError("post-hoc stages need every score: use them without rerank_k")
     texts = encode_queries(model, queries)
     if rerank_k is None:
-        scores = model.score(images, texts)
+        scores = score_grid(model, images, texts)
         scores = (posthoc([scores]).t2i if posthoc else scores).T
         return scores.topk(min(k, scores.shape[1]), dim=1)
     stage_model, stage_images = first_stage or (model, images)
@@ -144,8 +140,7 @@ def rerank(
     n_queries, per_query = candidates.shape
     query_index = torch.arange(n_queries).repeat_interleave(per_query)
     pairs = (candidates.flatten(), query_index) if queries == "texts" else (query_index, candidates.flatten())
-    device = model.device
-    scores = model.score_pair_list(images, texts, *(index.to(device) for index in pairs))
+    scores = score_pairs(model, images, texts, *pairs)
     best, order = scores.view(n_queries, -1).cpu().topk(min(k, per_query), dim=1)
     return best, candidates.gather(1, order)
 
@@ -156,7 +151,7 @@ def search_texts(
 ) -> tuple[Tensor, Tensor]:
     """Top-k texts for each image: (scores, text indices), both (n_images, k). `posthoc` stages
     treat the images as the query set, and the scores returned are theirs."""
-    scores = model.score(images, texts)
+    scores = score_grid(model, images, texts)
     scores = posthoc([scores]).i2t if posthoc else scores
     return scores.topk(min(k, scores.shape[1]), dim=1)
 

@@ -16,6 +16,7 @@ from itmatch.evaluation.metrics import aggregate_folds, retrieval_metrics
 from itmatch.evaluation.posthoc import PostHoc
 from itmatch.models.base import Encoded, Matcher
 from itmatch.retrieval import check_rerank, embeddings, two_stage_scores
+from itmatch.scoring import ScoringOptions, score_grid
 
 # "1k": the whole split at once (Flickr30K's 1K test, Flickr8k, synthetic sets);
 # "coco-5fold": COCO 1K, five consecutive folds of the 5K split averaged; "coco-5k": all 5,000.
@@ -66,13 +67,11 @@ def evaluate_split(
     split: PrecompSplit | RawImageSplit,
     protocol: str = "1k",
     batch_size: int = 128,
-    memory_budget: int | None = None,
     workers: int = 0,
     progress: bool = True,
     inverted_softmax: float | None = None,
     *,
-    precision: str = "fp32",
-    compile: bool = False,
+    scoring: ScoringOptions | None = None,
     rerank_k: int | None = None,
     first_stage: Matcher | None = None,
     candidates: str = "top-k",
@@ -89,8 +88,8 @@ def evaluate_split(
     the rank the query gets back. `rerank_k` scores only each query's top k by embedding (the
     model's own, or those of the `first_stage` model) with the full model; `candidates="margin"`
     shares the same budget of pairs out by the first stage's confidence instead
-    (`itmatch.retrieval.candidate_pairs`). `precision` and `compile`
-    are those of `Matcher.score`. The result records the pairs scored and the seconds spent scoring.
+    (`itmatch.retrieval.candidate_pairs`). `scoring` says how pairs
+    are scored (memory budget, precision, compile; see `itmatch.scoring`). The result records the pairs scored and the seconds spent scoring.
     """
     if protocol not in PROTOCOLS:
         raise InputError(f"unknown protocol {protocol!r}; choose one of {', '.join(PROTOCOLS)}")
@@ -105,6 +104,7 @@ def evaluate_split(
     if first_stage is not None and rerank_k is None:
         raise InputError("a first-stage model is only used with rerank_k")
     check_rerank(rerank_k, candidates)
+    scoring = scoring or ScoringOptions(progress=progress)
     encodings = []
     for model in models + ([first_stage] if first_stage is not None else []):
         model.eval()
@@ -118,7 +118,7 @@ def evaluate_split(
         fold_codes = [(image_codes.select(images), text_codes.select(texts)) for image_codes, text_codes in encodings]
         if rerank_k is None:
             matrices = [
-                model.score(*codes, memory_budget, progress, precision, compile).cpu()
+                score_grid(model, *codes, scoring).cpu()
                 for model, codes in zip(models, fold_codes, strict=False)
             ]
             views = posthoc(matrices)
@@ -136,9 +136,7 @@ def evaluate_split(
                 first_images,
                 first_texts,
                 rerank_k,
-                memory_budget,
-                precision,
-                compile,
+                scoring,
                 candidates,
             )
             i2t_sims, t2i_sims, pairs_scored = sims.numpy(), None, pairs_scored + pairs
@@ -151,7 +149,7 @@ def evaluate_split(
         "csls": csls,
         "reciprocal": reciprocal,
         "fuse": fuse,
-        "precision": precision,
+        "precision": scoring.precision,
         "rerank_k": rerank_k,
         "candidates": candidates if rerank_k is not None else None,
         "pairs_scored": pairs_scored,

@@ -7,19 +7,14 @@ product of two vectors; cross-attention models run a network on every image-capt
 
 from __future__ import annotations
 
-import copy
-import math
-import weakref
 from dataclasses import dataclass
 from typing import ClassVar
 
 import numpy as np
 import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from itmatch.errors import InputError
-from itmatch.models.layers import parameter_signature
 
 
 @dataclass
@@ -92,6 +87,9 @@ class Matcher(nn.Module):
     # The encoding key holding one unit vector per item whose dot products rank pairs: what a
     # first retrieval stage searches (None: the model has no such vector).
     embedding_key: ClassVar[str | None] = None
+    # True when a pair's score is the dot product of the two `embedding_key` vectors: the scoring
+    # engine then multiplies matrices instead of calling `pair_scores` on tiles.
+    scores_by_dot_product: ClassVar[bool] = False
     # Set by every model from its `text` config (itmatch.models.text.build_text_encoder).
     text_encoder: nn.Module
 
@@ -143,36 +141,6 @@ class Matcher(nn.Module):
     def encode_texts(self, tokens: Tensor, lengths: Tensor) -> Encoded:
         raise NotImplementedError
 
-    def score(
-        self,
-        images: Encoded,
-        texts: Encoded,
-        memory_budget: int | None = None,
-        progress: bool = False,
-        precision: str = "fp32",
-        compile: bool = False,
-    ) -> Tensor:
-        """Scores of every image with every text: (n_images, n_texts), float32.
-
-        `precision` "bf16" or "fp16" scores in that type; `compile` runs the pair scorer through
-        torch.compile (fused kernels; compiling costs tens of seconds once, so it pays on large
-        evaluations).
-        """
-        raise NotImplementedError
-
-    def score_pair_list(
-        self,
-        images: Encoded,
-        texts: Encoded,
-        image_index: Tensor,
-        text_index: Tensor,
-        memory_budget: int | None = None,
-        precision: str = "fp32",
-        compile: bool = False,
-    ) -> Tensor:
-        """Scores of the pairs (images[image_index[p]], texts[text_index[p]]): (n_pairs,)."""
-        raise NotImplementedError
-
     def similarity(
         self,
         images: Tensor,
@@ -191,12 +159,16 @@ class Matcher(nn.Module):
         """
         if self.needs_adjacency and adjacency is None and self.backbone is None:
             adjacency = self._adjacency_from_boxes(images, boxes, image_sizes)
+        from itmatch.scoring import ScoringOptions, score_grid
+
         encoded = self.encode_image_input(images, adjacency), self.encode_texts(captions, lengths)
-        return self.score(*encoded, precision=precision)
+        return score_grid(self, *encoded, ScoringOptions(precision=precision))
 
     def forward(self, images: Tensor, tokens: Tensor, lengths: Tensor, adjacency: Tensor | None = None) -> Tensor:
         """The score matrix of a batch: what training calls (and DistributedDataParallel wraps)."""
-        return self.score(self.encode_image_input(images, adjacency), self.encode_texts(tokens, lengths))
+        from itmatch.scoring import score_grid
+
+        return score_grid(self, self.encode_image_input(images, adjacency), self.encode_texts(tokens, lengths))
 
     def encode_image_input(self, images: Tensor, adjacency: Tensor | None = None) -> Encoded:
         """`encode_pixels` for a model with a backbone, else `encode_images` of region features."""
@@ -216,6 +188,20 @@ class Matcher(nn.Module):
             grid = self._adjacency_from_boxes(features[:1], self.backbone.grid_boxes()[None], [[size, size]])
             adjacency = grid.to(features.device).expand(len(features), -1, -1)
         return self.encode_images(features, adjacency)
+
+    @property
+    def tile_spans_all_images(self) -> bool:
+        """True when a pair's score depends on the other images scored with it (a BatchNorm over
+        images in training): the scoring engine then puts all images in every tile."""
+        return False
+
+    def pair_scores(self, images: dict[str, Tensor], texts: dict[str, Tensor]) -> Tensor:
+        """Scores of pairs whose leading axes broadcast (see CrossAttentionMatcher)."""
+        raise NotImplementedError
+
+    def bytes_per_pair(self, n_regions: int, n_words: int) -> int:
+        """An estimate of the working memory one pair needs inside `pair_scores`."""
+        return 0
 
     # -- input checks shared by the subclasses ---------------------------------------------------
     def _check_features(self, features: Tensor, feature_dim: int, n_regions: int | None) -> Tensor:
@@ -276,32 +262,10 @@ class EmbeddingMatcher(Matcher):
     """Scores by the dot product of one image vector and one text vector (key "vector")."""
 
     embedding_key = "vector"
+    scores_by_dot_product = True
 
-    def score(
-        self,
-        images: Encoded,
-        texts: Encoded,
-        memory_budget: int | None = None,
-        progress: bool = False,
-        precision: str = "fp32",
-        compile: bool = False,
-    ) -> Tensor:
-        dtype = precision_dtype(precision)
-        return (images["vector"].to(dtype=dtype) @ texts["vector"].to(dtype=dtype).T).float()
-
-    def score_pair_list(
-        self,
-        images: Encoded,
-        texts: Encoded,
-        image_index: Tensor,
-        text_index: Tensor,
-        memory_budget: int | None = None,
-        precision: str = "fp32",
-        compile: bool = False,
-    ) -> Tensor:
-        dtype = precision_dtype(precision)
-        pairs = images["vector"][image_index].to(dtype=dtype) * texts["vector"][text_index].to(dtype=dtype)
-        return pairs.sum(-1).float()
+    def pair_scores(self, images: dict[str, Tensor], texts: dict[str, Tensor]) -> Tensor:
+        return (images["vector"] * texts["vector"]).sum(-1)
 
 
 class CrossAttentionMatcher(Matcher):
@@ -314,118 +278,6 @@ class CrossAttentionMatcher(Matcher):
     copies).
     """
 
-    # Working memory of one tile by default: small tiles stay in the CPU's cache, while a GPU needs
-    # large tiles to be busy (measured: 64 MiB is the fastest here on CPU and 12-16x too small on
-    # an H100).
-    default_memory_budget: ClassVar[dict[str, int]] = {"cpu": 64 << 20, "cuda": 2 << 30}
-
-    def pair_scores(self, images: dict[str, Tensor], texts: dict[str, Tensor]) -> Tensor:
-        raise NotImplementedError
-
     def bytes_per_pair(self, n_regions: int, n_words: int) -> int:
         """An estimate of the working memory one pair needs inside `pair_scores`."""
         raise NotImplementedError
-
-    def memory_budget(self) -> int:
-        return self.default_memory_budget.get(self.device.type, self.default_memory_budget["cpu"])
-
-    def score_pairs(self, images: Encoded, texts: Encoded) -> Tensor:
-        """Every image of one tile with every text of it: (n_images, n_texts), as training runs it."""
-        return self.pair_scores(*grid_view(images, texts)).T
-
-    def pair_scorer(self, precision: str = "fp32", compile: bool = False):
-        """`pair_scores` in `precision` (on a copy of the model in that type, cached and remade
-        when the weights change), optionally compiled."""
-        dtype = precision_dtype(precision)
-        weights = () if dtype is None else parameter_signature(self.parameters())
-        cache = _SCORERS.setdefault(self, {})
-        if (precision, compile) not in cache or cache[precision, compile][0] != weights:
-            module = self if dtype is None else copy.deepcopy(self).to(dtype).eval()
-            function = torch.compile(module.pair_scores, dynamic=True) if compile else module.pair_scores
-            cache[precision, compile] = (weights, function)
-        return cache[precision, compile][1]
-
-    def score(
-        self,
-        images: Encoded,
-        texts: Encoded,
-        memory_budget: int | None = None,
-        progress: bool = False,
-        precision: str = "fp32",
-        compile: bool = False,
-    ) -> Tensor:
-        scorer = self.pair_scorer(precision, compile)
-        pairs = self._pairs_per_tile(images, texts, memory_budget, precision)
-        image_tile = max(1, min(len(images), math.isqrt(pairs)))
-        text_tile = max(1, min(len(texts), pairs // image_tile))
-        # Texts sorted by length share tiles with texts of about their length: little padding.
-        # Each tile's items are picked (and cast) as the tile needs them, so that working memory
-        # stays within the budget instead of growing with a sorted or cast copy of the whole set.
-        order = texts["mask"].sum(1).argsort()
-        dtype = precision_dtype(precision)
-        scores = torch.empty(len(images), len(texts), device=self.device)  # the only copy of the result
-        for i in tqdm(range(0, len(images), image_tile), desc="score pairs", disable=not progress, leave=False):
-            image_part = images.select(slice(i, i + image_tile)).to(dtype=dtype)
-            for j in range(0, len(texts), text_tile):
-                text_part = texts.select(order[j : j + text_tile]).to(dtype=dtype)
-                tile = scorer(*grid_view(image_part, text_part))
-                scores[i : i + image_tile, order[j : j + text_tile]] = tile.T.float()
-        return scores
-
-    def score_pair_list(
-        self,
-        images: Encoded,
-        texts: Encoded,
-        image_index: Tensor,
-        text_index: Tensor,
-        memory_budget: int | None = None,
-        precision: str = "fp32",
-        compile: bool = False,
-    ) -> Tensor:
-        scorer = self.pair_scorer(precision, compile)
-        chunk = self._pairs_per_tile(images, texts, memory_budget, precision)
-        dtype = precision_dtype(precision)
-        order = texts["mask"].sum(1)[text_index].argsort()  # chunks of pairs with texts of similar length
-        image_index, text_index = image_index[order], text_index[order]
-        parts = [
-            scorer(
-                images.select(image_index[p : p + chunk]).to(dtype=dtype).tensors,
-                texts.select(text_index[p : p + chunk]).to(dtype=dtype).tensors,
-            )
-            for p in range(0, len(image_index), chunk)
-        ]
-        scores = torch.cat(parts).float() if parts else torch.zeros(0, device=self.device)
-        return scores[order.argsort()]
-
-    def _pairs_per_tile(self, images: Encoded, texts: Encoded, memory_budget: int | None, precision: str) -> int:
-        budget = memory_budget or self.memory_budget()
-        per_pair = self.bytes_per_pair(images["regions"].shape[1], texts["mask"].shape[1])
-        if precision != "fp32":  # the estimate counts 4-byte floats
-            per_pair //= 2
-        return max(1, budget // per_pair)
-
-
-# Pair scorers of each model in each (precision, compile): kept beside the model, not in it, so
-# that copying a model (deepcopy, state_dict) never copies them.
-_SCORERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def grid_view(images: Encoded, texts: Encoded) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-    """The pair-axis view of every image with every text, text-major: images (1, n_i, ...), texts
-    (n_t, 1, ...), so `pair_scores` gives (n_t, n_i). Text-major because the batched products that
-    attend a caption's words for every region then write their (texts, images, regions, D) result
-    in place, where image-major order made a copy of it (regions outnumber words)."""
-    return (
-        {key: value.unsqueeze(0) for key, value in images.tensors.items()},
-        {key: value.unsqueeze(1) for key, value in texts.tensors.items()},
-    )
-
-
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def precision_dtype(precision: str) -> torch.dtype | None:
-    """The floating type of a scoring precision (None: float32, the models' own)."""
-    if precision not in PRECISIONS:
-        raise InputError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-    return PRECISIONS[precision]

@@ -135,22 +135,11 @@ class SGRAF(CrossAttentionMatcher):
         floats += steps * (4 * nodes * sim_dim + 2 * nodes * nodes)
         return 4 * floats
 
-    def score(
-        self,
-        images: Encoded,
-        texts: Encoded,
-        memory_budget: int | None = None,
-        progress: bool = False,
-        precision: str = "fp32",
-        compile: bool = False,
-    ) -> Tensor:
-        if not (self.training and getattr(self, "filter_norm", None) is not None):
-            return super().score(images, texts, memory_budget, progress, precision, compile)
+    @property
+    def tile_spans_all_images(self) -> bool:
         # Training SAF: every tile holds all of the batch's images, so that each caption's
         # BatchNorm statistics span the whole batch as in the official per-caption loop.
-        step = max(1, self._pairs_per_tile(images, texts, memory_budget, precision) // max(1, len(images)))
-        columns = [self.score_pairs(images, texts.select(slice(j, j + step))) for j in range(0, len(texts), step)]
-        return torch.cat(columns, dim=1)
+        return self.training and getattr(self, "filter_norm", None) is not None
 
     def pair_scores(self, images: dict[str, Tensor], texts: dict[str, Tensor]) -> Tensor:
         return self.pair_stages(images, texts)["scores"]
