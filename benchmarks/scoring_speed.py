@@ -27,7 +27,7 @@ import torch
 from official_style import official_style_scores
 
 from itmatch import build_run_config, create_model, load_checkpoint
-from itmatch.data.adjacency import directional_adjacency
+from itmatch.data.region_graph import directional_adjacency
 from itmatch.data.precomp import PrecompSplit
 from itmatch.device import default_device
 from itmatch.evaluation.metrics import retrieval_metrics

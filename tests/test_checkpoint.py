@@ -15,7 +15,7 @@ from itmatch.errors import CheckpointError
 def test_official_checkpoints_name_their_converter(tmp_path, parts, family):
     path = tmp_path / "model_best.pth.tar"
     torch.save({"epoch": 3, "model": [{"w": torch.zeros(1)}] * parts, "opt": argparse.Namespace(a=1)}, path)
-    with pytest.raises(CheckpointError, match=f"official {family.upper()}.*itmatch convert official-{family}"):
+    with pytest.raises(CheckpointError, match=f"official {family} .*itmatch convert official-{family}"):
         load_checkpoint(path)
 
 

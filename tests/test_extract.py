@@ -18,6 +18,7 @@ from itmatch.cli import main
 from itmatch.data.butd import import_butd
 from itmatch.data.precomp import PrecompSplit
 from itmatch.data.raw import PixelTransform, RawSource
+from itmatch.data.region_graph import split_region_graph
 from itmatch.errors import DataError
 from itmatch.extract import extract
 from itmatch.models.backbones import BackboneConfig, ResNet, build_backbone, load_weights
@@ -63,7 +64,7 @@ def test_extract_writes_the_precomp_layout_and_resumes_after_a_kill(source, weig
     assert split.captions[15] == "caption 0 of p4.jpg"
     assert split.image_sizes[3].tolist() == [90, 60]
     assert split.boxes[3].tolist() == [[0, 0, 45, 30], [45, 0, 90, 30], [0, 30, 45, 60], [45, 30, 90, 60]]
-    assert split.adjacency().shape == (6, 4, 4)
+    assert split_region_graph(split).shape == (6, 4, 4)
     assert "p3.jpg\t" in (out / "train_skipped.txt").read_text() and not (out / "dev_skipped.txt").exists()
     network = build_backbone(BackboneConfig(name="resnet18", image_size=SIZE))
     load_weights(network, weights)

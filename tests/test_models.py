@@ -45,14 +45,17 @@ def model(request):
 def test_similarity_shape_and_values(model):
     features, tokens, lengths, adjacency = inputs()
     with torch.no_grad():
-        sims = model.similarity(features, tokens, lengths, adjacency=adjacency)
+        sims = model.similarity(features, tokens, lengths, region_graph=adjacency)
     assert sims.shape == (4, 6) and torch.isfinite(sims).all()
 
 
 def test_score_equals_pair_by_pair_scoring(model):
     features, tokens, lengths, adjacency = inputs()
     with torch.no_grad():
-        images, texts = model.encode_images(features, adjacency), model.encode_texts(tokens, lengths)
+        images, texts = (
+            model.encode_image_batch({"features": features, "region_graph": adjacency}),
+            model.encode_texts(tokens, lengths),
+        )
         batched = score_grid(model, images, texts)
         single = torch.tensor(
             [
@@ -71,15 +74,15 @@ def test_extra_padding_and_caption_order_change_nothing(model):
     padded = torch.nn.functional.pad(tokens, (0, 5))
     order = torch.randperm(6, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        reference = model.similarity(features, tokens, lengths, adjacency=adjacency)
-        other = model.similarity(features, padded[order], lengths[order], adjacency=adjacency)
+        reference = model.similarity(features, tokens, lengths, region_graph=adjacency)
+        other = model.similarity(features, padded[order], lengths[order], region_graph=adjacency)
     torch.testing.assert_close(other, reference[:, order], atol=1e-5, rtol=0)
 
 
 def test_training_gradients_are_finite_with_padded_captions(model):
     model.train()
     features, tokens, lengths, adjacency = inputs(n_images=6, n_captions=6)
-    scores = model(features, tokens, lengths, adjacency)
+    scores = model.similarity(features, tokens, lengths, region_graph=adjacency)
     triplet_ranking_loss(scores, build_run_config("vsepp").loss).backward()
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     assert grads and all(torch.isfinite(g).all() for g in grads)
@@ -108,7 +111,7 @@ def test_embedding_model_scores_by_dot_product():
 def test_bad_inputs_are_explained(model, change, message):
     features, tokens, lengths, adjacency = change(*inputs())
     with pytest.raises(InputError, match=message):
-        model.similarity(features, tokens, lengths, adjacency=adjacency)
+        model.similarity(features, tokens, lengths, region_graph=adjacency)
 
 
 def test_cmcan_needs_the_region_graph_or_boxes():
@@ -117,7 +120,7 @@ def test_cmcan_needs_the_region_graph_or_boxes():
     with pytest.raises(InputError, match="boxes and image_sizes"):
         model.similarity(features, tokens, lengths)
     with pytest.raises(InputError, match="regions per image"):
-        model.similarity(features[:, :5], tokens, lengths, adjacency=torch.ones(4, 5, 5))
+        model.similarity(features[:, :5], tokens, lengths, region_graph=torch.ones(4, 5, 5))
 
 
 def test_cmcan_derives_the_graph_from_boxes():
@@ -160,7 +163,10 @@ def test_scoring_a_list_of_pairs_gives_the_grid_entries(model):
         torch.randint(0, 7, (40,), generator=generator),
     )
     with torch.no_grad():
-        images, texts = model.encode_images(features, adjacency), model.encode_texts(tokens, lengths)
+        images, texts = (
+            model.encode_image_batch({"features": features, "region_graph": adjacency}),
+            model.encode_texts(tokens, lengths),
+        )
         grid = score_grid(model, images, texts)
         listed = score_pairs(
             model, images, texts, image_index, text_index, ScoringOptions(memory_budget=1)
@@ -172,8 +178,8 @@ def test_scoring_a_list_of_pairs_gives_the_grid_entries(model):
 def test_reduced_precision_scores_stay_close(model, precision):
     features, tokens, lengths, adjacency = inputs()
     with torch.no_grad():
-        exact = model.similarity(features, tokens, lengths, adjacency=adjacency)
-        reduced = model.similarity(features, tokens, lengths, adjacency=adjacency, precision=precision)
+        exact = model.similarity(features, tokens, lengths, region_graph=adjacency)
+        reduced = model.similarity(features, tokens, lengths, region_graph=adjacency, precision=precision)
     assert reduced.dtype == torch.float32
     torch.testing.assert_close(reduced, exact, atol=0.05, rtol=0.05)
 
@@ -181,7 +187,7 @@ def test_reduced_precision_scores_stay_close(model, precision):
 def test_unknown_precision_is_refused(model):
     features, tokens, lengths, adjacency = inputs()
     with pytest.raises(InputError, match="precision"):
-        model.similarity(features, tokens, lengths, adjacency=adjacency, precision="fp8")
+        model.similarity(features, tokens, lengths, region_graph=adjacency, precision="fp8")
 
 
 def test_compiled_scoring_equals_eager():
@@ -189,7 +195,10 @@ def test_compiled_scoring_equals_eager():
     features, tokens, lengths, adjacency = inputs(n_images=5, n_captions=7)
     pairs = torch.tensor([0, 4, 2, 2]), torch.tensor([6, 0, 3, 5])
     with torch.no_grad():
-        images, texts = model.encode_images(features, adjacency), model.encode_texts(tokens, lengths)
+        images, texts = (
+            model.encode_image_batch({"features": features, "region_graph": adjacency}),
+            model.encode_texts(tokens, lengths),
+        )
         eager = score_grid(model, images, texts, ScoringOptions(memory_budget=1 << 14))  # several tiles
         compiled = score_grid(model, images, texts, ScoringOptions(memory_budget=1 << 14, compile=True))
         listed = score_pairs(model, images, texts, *pairs, ScoringOptions(compile=True))
@@ -203,5 +212,5 @@ def test_low_precision_scores_are_not_rounded_to_the_low_precision_type(preset):
     model = small_model(preset).eval()
     features, tokens, lengths, adjacency = inputs()
     with torch.no_grad():
-        scores = model.similarity(features, tokens, lengths, adjacency=adjacency, precision="bf16")
+        scores = model.similarity(features, tokens, lengths, region_graph=adjacency, precision="bf16")
     assert (scores != scores.bfloat16().float()).any()

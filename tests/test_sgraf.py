@@ -237,7 +237,7 @@ def test_training_mode_statistics_equal_the_official_loop(preset):
     images, tokens, lengths = inputs(n_images=6, seed=3)
     with torch.no_grad():
         expected = ref_scores(parts, model.config.module, images, tokens, lengths, training=True)
-        scores = model(images, tokens, lengths)
+        scores = model.similarity(images, tokens, lengths)
     torch.testing.assert_close(scores, expected, atol=ATOL, rtol=0)
     after = official_parts(model)
     for part, state in enumerate(parts):
@@ -255,7 +255,7 @@ def test_padding_words_change_no_training_gradient():
         losses = []
         for extra in (0, 6):
             model.zero_grad()
-            scores = model(images, F.pad(tokens, (0, extra)), lengths)
+            scores = model.similarity(images, F.pad(tokens, (0, extra)), lengths)
             scores.sum().backward()
             # every parameter takes part (DistributedDataParallel needs it), padded or not
             assert all(p.grad is not None for p in model.parameters())

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from itmatch.data.precomp import PrecompSplit
+from itmatch.data.region_graph import split_region_graph
 from itmatch.data.synthetic import SyntheticSpec, _centre, _relation, describe, make_synthetic
 
 
@@ -33,7 +34,7 @@ def test_layout_is_a_valid_precomp_split(data):
     assert np.isfinite(split.features).all()
     sizes = split.image_sizes
     assert (split.boxes[..., 2] <= sizes[:, None, 0] + 1e-3).all() and (split.boxes >= 0).all()
-    graph = split.adjacency(1, True)
+    graph = split_region_graph(split, 1, True)
     assert graph.shape == (48, 12, 12)
 
 

@@ -105,7 +105,7 @@ def test_pretrained_encoder_in_every_model(tiny_bert, preset):
     model.eval()
     with torch.no_grad():
         encoded = model.encode_texts(tokens, lengths)
-        scores = score_grid(model, model.encode_images(features, adjacency), encoded)
+        scores = score_grid(model, model.encode_image_batch({"features": features, "region_graph": adjacency}), encoded)
     assert scores.shape == (4, 3) and torch.isfinite(scores).all()
     if "words" in encoded:  # cross attention: a vector per token, zero at padding
         mask = torch.arange(tokens.shape[1])[None, :] < lengths[:, None]
@@ -118,7 +118,9 @@ def test_pretrained_encoder_in_every_model(tiny_bert, preset):
 
     model.train()
     features, adjacency = images(3, seed=1)
-    loss = triplet_ranking_loss(model(features, tokens, lengths, adjacency), build_run_config("vsepp").loss)
+    loss = triplet_ranking_loss(
+        model.similarity(features, tokens, lengths, region_graph=adjacency), build_run_config("vsepp").loss
+    )
     loss.backward()
     # every weight of the encoder learns (DistributedDataParallel needs it: the pooler is dropped)
     missing = [name for name, p in model.text_encoder.named_parameters() if p.grad is None]
@@ -137,7 +139,10 @@ def test_cross_attention_scoring_in_bf16_copies_the_pretrained_model(tiny_bert):
     model = small_model("cmcan-official", encoder=str(tiny_bert)).eval()
     features, adjacency = images(2)
     with torch.no_grad():
-        encoded = model.encode_images(features, adjacency), model.encode_texts(*model.tokenize(CAPTIONS))
+        encoded = (
+            model.encode_image_batch({"features": features, "region_graph": adjacency}),
+            model.encode_texts(*model.tokenize(CAPTIONS)),
+        )
         full, low = score_grid(model, *encoded), score_grid(model, *encoded, ScoringOptions(precision="bf16"))
     torch.testing.assert_close(low, full, atol=0.05, rtol=0)
 
@@ -165,8 +170,8 @@ def test_checkpoint_loads_without_the_folder(tiny_bert, tmp_path):
     with torch.no_grad():
         for tokens, other in zip(model.tokenize(CAPTIONS), loaded.tokenize(CAPTIONS), strict=True):
             assert torch.equal(tokens, other)
-        expected = model.similarity(features, *model.tokenize(CAPTIONS), adjacency=adjacency)
-        got = loaded.similarity(features, *loaded.tokenize(CAPTIONS), adjacency=adjacency)
+        expected = model.similarity(features, *model.tokenize(CAPTIONS), region_graph=adjacency)
+        got = loaded.similarity(features, *loaded.tokenize(CAPTIONS), region_graph=adjacency)
     torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)
 
 

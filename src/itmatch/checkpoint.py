@@ -18,7 +18,7 @@ from itmatch.data.vocab import Vocabulary
 from itmatch.device import default_device
 from itmatch.errors import CheckpointError, ConfigError, DataError
 from itmatch.files import atomic_write
-from itmatch.models.registry import build_model
+from itmatch.models.registry import build_model, recognize_official
 from itmatch.models.text import from_stored_files
 from itmatch.safe_pickle import load_error
 
@@ -55,7 +55,7 @@ def read_checkpoint(path: str | Path) -> dict:
         if family:
             raise CheckpointError(
                 path,
-                f"this is an official {family.upper()} training checkpoint; convert it first with "
+                f"this is an official {family} training checkpoint; convert it first with "
                 f"`itmatch convert official-{family} CKPT OUT.pt`",
             ) from None
         raise CheckpointError(path, f"not a readable itmatch checkpoint ({load_error(error)})") from None
@@ -77,25 +77,25 @@ def _check_parts(payload: dict, path: Path) -> None:
             raise CheckpointError(path, f"is damaged: its {name!r} entry is missing or not a {kind.__name__}")
     if not all(isinstance(key, str) and isinstance(value, torch.Tensor) for key, value in payload["model"].items()):
         raise CheckpointError(path, "is damaged: its 'model' entry is not a state dict of tensors")
-    for name, kind in (("vocab", list), ("state", dict), ("optimizer", dict), ("text_encoder_files", dict)):
+    for name, kind in (
+        ("vocab", list),
+        ("state", dict),
+        ("optimizer", dict),
+        ("adversary_optimizer", dict),
+        ("text_encoder_files", dict),
+    ):
         if payload.get(name) is not None and not isinstance(payload[name], kind):
             raise CheckpointError(path, f"is damaged: its {name!r} entry is not a {kind.__name__}")
 
 
-# The official training scripts save {"model": [state dicts of the parts], "opt": Namespace}.
-OFFICIAL_PARTS = {2: "scan", 3: "sgraf", 5: "cmcan"}
-
-
 def _official_family(path: Path) -> str | None:
-    """ "scan", "sgraf" or "cmcan" when `path` is one of those official checkpoints."""
+    """The architecture whose official training checkpoint `path` is, if it is one."""
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception:
         return None
-    if not isinstance(payload, dict) or not isinstance(payload.get("model"), list) or "opt" not in payload:
-        return None
-    return OFFICIAL_PARTS.get(len(payload["model"]))
+    return recognize_official(payload) if isinstance(payload, dict) else None
 
 
 def load_checkpoint(

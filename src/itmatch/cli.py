@@ -10,11 +10,11 @@ import re
 import sys
 from pathlib import Path
 
-from itmatch.convert import CONVERTERS
 from itmatch.errors import InputError, ItmatchError
 from itmatch.evaluation.posthoc import FUSIONS, PostHoc
 from itmatch.files import atomic_write
 from itmatch.models.backbones import RESNET_LAYOUTS
+from itmatch.models.registry import official_sources
 from itmatch.retrieval import CANDIDATES
 
 SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
@@ -131,12 +131,14 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--quiet", action="store_true")
 
     convert = commands.add_parser("convert", help="convert an official checkpoint to itmatch")
-    convert.add_argument("source", choices=sorted(CONVERTERS))
+    convert.add_argument("source", choices=sorted(official_sources()))
     convert.add_argument("checkpoint", type=Path)
     convert.add_argument("out", type=Path)
-    convert.add_argument("--vocab", type=Path, help="the SCAN-format vocabulary JSON it was trained with")
+    convert.add_argument("--vocab", type=Path, help="the vocabulary JSON (word2idx, idx2word) it was trained with")
 
-    vocab = commands.add_parser("build-vocab", help="SCAN's vocabulary of a precomp folder (train + dev)")
+    vocab = commands.add_parser(
+        "build-vocab", help="the word vocabulary of a precomp folder (train + dev words seen 4 times)"
+    )
     vocab.add_argument("data", type=Path)
     vocab.add_argument("--threshold", type=positive_int, default=4, help="minimum word count")
     vocab.add_argument("--out", type=Path, help="default: DATA/vocab.json")

@@ -36,10 +36,26 @@ class LossConfig:
     # Two captions of one image in a batch are not each other's negatives; the official code
     # (which masks only the diagonal) counts them as negatives.
     exclude_same_image: bool = True
+    # Weight of each named term a model's `training_losses` returns (1 for a term not listed): a
+    # number, or an epoch schedule [[first_epoch, weight], ...] whose latest begun entry applies
+    # (0-based epochs; before the first entry the weight is 0).
+    weights: dict[str, float | list[list[float]]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         hardest_k(self.negatives)  # validates
         _check_ranges("loss.", self, at_least={"margin": 0})
+        for name, weight in self.weights.items():
+            schedule = weight if isinstance(weight, list) else [[0, weight]]
+            if any(len(entry) != 2 or entry[0] < 0 for entry in schedule):
+                raise ConfigError(f"loss.weights.{name} must be a number or a list of [first_epoch >= 0, weight] pairs")
+
+    def weight(self, term: str, epoch: int) -> float:
+        """The weight of loss term `term` at `epoch` (0-based)."""
+        weight = self.weights.get(term, 1.0)
+        if not isinstance(weight, list):
+            return weight
+        begun = [value for first, value in sorted(weight) if first <= epoch]
+        return begun[-1] if begun else 0.0
 
 
 def hardest_k(negatives: str) -> int | None:
@@ -74,12 +90,23 @@ class TrainConfig:
     # Also write last.pt every this many steps inside an epoch (0: only at epoch ends).
     checkpoint_every: int = 500
     log_every: int = 20
+    # Batches of P images x K captions with K = captions_per_image (identity and CMPM losses need
+    # several captions of one image per batch); 1: captions drawn at random.
+    captions_per_image: int = 1
+    # Learning rate of a model's adversary (its second optimizer), as a multiple of learning_rate.
+    adversary_lr_scale: float = 1.0
 
     def __post_init__(self) -> None:
         # A triplet loss needs a negative in the batch, so 2 captions at least.
         lower = {"epochs": 1, "batch_size": 2, "lr_decay_epochs": 1, "eval_batch_size": 1, "log_every": 1}
-        lower |= {"dev_max_captions": 1, "weight_decay": 0}
-        _check_ranges("train.", self, at_least=lower, above={"learning_rate": 0, "lr_decay_factor": 0})
+        lower |= {"dev_max_captions": 1, "weight_decay": 0, "captions_per_image": 1}
+        above = {"learning_rate": 0, "lr_decay_factor": 0, "adversary_lr_scale": 0}
+        _check_ranges("train.", self, at_least=lower, above=above)
+        if self.batch_size % self.captions_per_image:
+            raise ConfigError(
+                f"train.batch_size ({self.batch_size}) must be a multiple of train.captions_per_image "
+                f"({self.captions_per_image})"
+            )
 
 
 def _check_ranges(where: str, config, at_least: dict[str, float], above: dict | None = None) -> None:
@@ -138,6 +165,16 @@ def _coerce(hint: Any, value: Any, where: str) -> Any:
             except ConfigError as error:
                 errors.append(str(error))
         raise ConfigError("; ".join(errors))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where} must be a mapping, got {value!r}")
+        key_hint, value_hint = typing.get_args(hint)
+        return {_coerce(key_hint, k, where): _coerce(value_hint, v, f"{where}.{k}") for k, v in value.items()}
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{where} must be a list, got {value!r}")
+        (item_hint,) = typing.get_args(hint)
+        return [_coerce(item_hint, item, f"{where}[{i}]") for i, item in enumerate(value)]
     if hint is bool:
         if isinstance(value, bool):
             return value
@@ -191,12 +228,25 @@ def merge(base: dict, update: dict) -> dict:
     return merged
 
 
+# Presets registered from code (a method defined outside the package), beside the packaged JSON files.
+_REGISTERED_PRESETS: dict[str, dict] = {}
+
+
+def register_preset(name: str, preset: dict) -> None:
+    """Makes `preset` (the content of a preset JSON: architecture, model, train, loss...) available
+    by `name`, as the packaged presets are; it is checked when a run is built from it."""
+    _REGISTERED_PRESETS[name] = copy.deepcopy({**preset, "preset": name})
+
+
 def preset_names() -> list[str]:
     folder = resources.files("itmatch") / "presets"
-    return sorted(p.name[: -len(".json")] for p in folder.iterdir() if p.name.endswith(".json"))
+    packaged = {p.name[: -len(".json")] for p in folder.iterdir() if p.name.endswith(".json")}
+    return sorted(packaged | set(_REGISTERED_PRESETS))
 
 
 def load_preset(name: str) -> dict:
+    if name in _REGISTERED_PRESETS:
+        return copy.deepcopy(_REGISTERED_PRESETS[name])
     path = resources.files("itmatch") / "presets" / f"{name}.json"
     if name not in preset_names():  # a name, never a path to a file elsewhere
         raise ConfigError(f"unknown preset {name!r}; available: {', '.join(preset_names())}")

@@ -22,8 +22,9 @@ from torch.utils.data import Subset
 from tqdm.auto import tqdm
 
 from itmatch.data.datasets import ImageDataset, make_loader
+from itmatch.data.inputs import pixel_reader
 from itmatch.data.precomp import write_split_files
-from itmatch.data.raw import PixelTransform, RawImageSplit, RawSource, skip_summary, write_skip_list
+from itmatch.data.raw import RawImageSplit, RawSource, skip_summary, write_skip_list
 from itmatch.device import default_device
 from itmatch.errors import DataError
 from itmatch.files import ResumableArray, atomic_write, sha256
@@ -108,7 +109,7 @@ def _extract_split(
     features = ResumableArray(out / f"{split.split}_ims.npy", shape, key)
     if features.done:
         log(f"{split.split}: resuming after {features.done:,} of {split.n_images:,} images")
-    images = ImageDataset(split, pixels=PixelTransform(network.config.image_size))
+    images = ImageDataset(split, {"pixels": pixel_reader(split, network.config.image_size)})
     loader = make_loader(Subset(images, range(features.done, split.n_images)), batch_size, workers)
     bar = tqdm(total=split.n_images, initial=features.done, desc=f"extract {split.split}", disable=not progress)
     for batch in loader:

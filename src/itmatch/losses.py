@@ -1,11 +1,35 @@
-"""Bidirectional triplet ranking loss on a batch's image x caption score matrix."""
+"""Training objectives shared by the models: the bidirectional triplet ranking loss on a batch's
+image x caption score matrix, and the context a model's `training_losses` reads."""
 
 from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from itmatch.config import LossConfig, hardest_k
+
+
+@dataclass(frozen=True)
+class TrainingContext:
+    """What a model's loss terms may depend on besides the batch: the loss settings and the epoch
+    (0-based; warm-ups and schedules read it)."""
+
+    loss: LossConfig
+    epoch: int = 0
+
+    @property
+    def negatives(self) -> str:
+        """The triplet negatives of this epoch: "sum" during the warm-up epochs."""
+        return "sum" if self.epoch < self.loss.warmup_epochs else self.loss.negatives
+
+
+def triplet_term(scores: Tensor, batch: Mapping[str, Tensor], context: TrainingContext) -> Tensor:
+    """The triplet ranking loss of a batch whose caption j belongs to image j (pair (j, j))."""
+    image_ids = batch["image_index"].to(scores.device) if context.loss.exclude_same_image else None
+    return triplet_ranking_loss(scores, context.loss, image_ids, context.negatives)
 
 
 def triplet_ranking_loss(

@@ -2,8 +2,8 @@
 
 Two-stage retrieval (the standard remedy for large galleries): a first stage ranks by embedding
 dot products, searched with a faiss index, and the full model rescores only each query's top K.
-The embeddings are the model's own (`Matcher.embedding_key`: CMCAN's and SGRAF's global vectors)
-or those of a companion embedding model such as VSE-infinity trained on the same data.
+The embeddings are the model's own (`Matcher.embedding_key`, e.g. the global vectors of a
+cross-attention model) or those of a companion embedding model trained on the same data.
 """
 
 from __future__ import annotations
@@ -14,17 +14,21 @@ import torch
 from torch import Tensor
 
 from itmatch.errors import InputError
+<<<<<<< HEAD
 from itmatch.evaluation.posthoc import PostHoc
+=======
+from itmatch.models.abilities import has_embedding
+>>>>>>> 85afda1 (WIP contract: named inputs, model-owned loss terms, registry entries with converters)
 from itmatch.models.base import Encoded, Matcher
 from itmatch.scoring import DEFAULT, ScoringOptions, score_grid, score_pairs
 
 
 def embeddings(model: Matcher, encoded: Encoded) -> Tensor:
     """The first-stage vectors of encoded items (float32, on the CPU)."""
-    if model.embedding_key is None:
+    if not has_embedding(model):
         raise InputError(
             f"{model.architecture} has no embedding for a first stage: give a companion embedding model "
-            "(e.g. a vse-infty-bigru or vsepp checkpoint trained on the same data)"
+            "trained on the same data (one that scores by a dot product; see `itmatch models`)"
         )
     return encoded[model.embedding_key].detach().float().cpu()
 

@@ -16,6 +16,7 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
@@ -23,8 +24,9 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm.auto import tqdm
 
 from itmatch.checkpoint import model_from_payload, read_checkpoint, save_checkpoint
-from itmatch.config import RunConfig, build_run_config, merge
-from itmatch.data.datasets import PairDataset, image_input, image_reading, make_loader
+from itmatch.config import LossConfig, RunConfig, build_run_config, merge
+from itmatch.data.datasets import PairDataset, make_loader
+from itmatch.data.inputs import readers_for
 from itmatch.data.precomp import PrecompSplit
 from itmatch.data.raw import RawImageSplit, skip_summary, write_skip_list
 from itmatch.data.sources import check_image_input, open_split, split_names
@@ -33,9 +35,9 @@ from itmatch.device import default_device
 from itmatch.errors import CheckpointError, ConfigError, DataError, ItmatchError
 from itmatch.evaluation.runner import evaluate_split
 from itmatch.files import atomic_write, folder_lock, remove_leftover_temps
-from itmatch.losses import triplet_ranking_loss
+from itmatch.losses import TrainingContext
 from itmatch.models.backbones import BackboneConfig, build_backbone, load_weights
-from itmatch.models.registry import build_model
+from itmatch.models.registry import architecture_class, build_model
 
 
 @dataclass
@@ -88,13 +90,13 @@ def train(
 def _train(config, data_dir, run_dir, resume, vocab_path, overrides, progress, log, process) -> TrainState:
     train_split = open_split(data_dir, "train", progress=progress)
     if resume:
-        model, config, state, optimizer_state = _resume(run_dir, config, overrides, log)
+        model, config, state, optimizer_states = _resume(run_dir, config, overrides, log)
     else:
         if process.main:
             _refuse_overwrite(run_dir)
         vocab = _word_vocabulary(config, data_dir, vocab_path, run_dir, process, log)
         config = _fit_to_data(config, train_split, vocab)
-        model, state, optimizer_state = build_model(config), TrainState(), None
+        model, state, optimizer_states = build_model(config), TrainState(), {}
         model.vocab = vocab
         if config.backbone is not None and config.backbone.weights:
             load_weights(model.backbone, config.backbone.weights)
@@ -109,22 +111,31 @@ def _train(config, data_dir, run_dir, resume, vocab_path, overrides, progress, l
     if process.main:
         _write_json(run_dir / "config.json", config.to_dict())
     model.to(process.device)
-    optimizer = _optimizer(model, config)
-    if optimizer_state is not None:
-        optimizer.load_state_dict(optimizer_state)
-    trainer = _Trainer(config, model, optimizer, state, train_split, dev_split, run_dir, process, progress, log)
+    trainer = _Trainer(config, model, state, train_split, dev_split, run_dir, process, progress, log)
+    trainer.load_optimizer_states(optimizer_states)
     return trainer.run()
 
 
 class _Trainer:
-    def __init__(self, config, model, optimizer, state, train_split, dev_split, run_dir, process, progress, log):
-        self.config, self.model, self.optimizer, self.state = config, model, optimizer, state
+    def __init__(self, config, model, state, train_split, dev_split, run_dir, process, progress, log):
+        self.config, self.model, self.state = config, model, state
+        self.optimizer = _optimizer(model, config)
         self.train_split, self.dev_split, self.run_dir = train_split, dev_split, run_dir
         self.process, self.progress, self.log = process, progress, log
         augment = config.backbone.augment if config.backbone is not None else None
-        self.dataset = PairDataset(train_split, model.tokenizer, **image_reading(model, train_split, augment))
-        self.network = model if process.world_size == 1 else DistributedDataParallel(model)
+        self.dataset = PairDataset(train_split, readers_for(model, train_split, augment))
+        self.adversary = _adversary_optimizer(model, config)
+        if process.world_size == 1:
+            self.network = model
+        else:  # the adversary's parameters take no part in the main loss, and the reverse
+            self.network = DistributedDataParallel(model, find_unused_parameters=self.adversary is not None)
         self.writer = SummaryWriter(str(run_dir / "tensorboard")) if process.main else None
+
+    def load_optimizer_states(self, states: dict) -> None:
+        """The optimizers' states saved in last.pt (none for a new run)."""
+        for name, optimizer in (("optimizer", self.optimizer), ("adversary_optimizer", self.adversary)):
+            if states.get(name) is not None and optimizer is not None:
+                optimizer.load_state_dict(states[name])
 
     def run(self) -> TrainState:
         train = self.config.train
@@ -132,8 +143,8 @@ class _Trainer:
             self.log(f"{self.run_dir}: already trained for {self.state.epoch} epochs (train.epochs={train.epochs})")
         while self.state.epoch < train.epochs:
             started = time.time()
-            loss = self._train_epoch()
-            self._end_epoch(loss, time.time() - started)
+            losses = self._train_epoch()
+            self._end_epoch(losses, time.time() - started)
         if self.writer:
             self.writer.close()
         return self.state
@@ -146,67 +157,81 @@ class _Trainer:
         """This process's batches of `epoch`, minus those already trained before a resume."""
         train, world = self.config.train, self.process.world_size
         generator = torch.Generator().manual_seed(train.seed * 100_003 + epoch)
-        order = torch.randperm(len(self.dataset), generator=generator).tolist()
+        if train.captions_per_image > 1:
+            order = grouped_caption_order(self.train_split, train.captions_per_image, generator)
+        else:
+            order = torch.randperm(len(self.dataset), generator=generator).tolist()
         per_step = train.batch_size * world
         steps = len(order) // per_step  # drop the last partial batch: BatchNorm needs > 1 item
-        batches = [order[s * per_step : (s + 1) * per_step][self.process.rank :: world] for s in range(steps)]
+        # Each process takes a contiguous share, so that P x K groups stay whole.
+        share = train.batch_size
+        first = self.process.rank * share
+        batches = [order[s * per_step + first : s * per_step + first + share] for s in range(steps)]
         if not batches:
             raise DataError(
                 self.train_split.data_dir, f"train split has {len(order)} captions: fewer than one batch of {per_step}"
             )
         return batches[self.state.batches_done :]
 
-    def _train_epoch(self) -> float:
-        epoch, train, loss_config = self.state.epoch, self.config.train, self.config.loss
+    def _train_epoch(self) -> dict[str, float]:
+        """Trains one epoch; returns the mean of the loss and of each term over its batches."""
+        epoch, train = self.state.epoch, self.config.train
         torch.manual_seed(train.seed * 100_003 + epoch + self.state.batches_done)  # dropout
         lr = self._learning_rate(epoch)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr * group.get("lr_scale", 1.0)  # optimizer states saved before lr_scale have none
-        negatives = "sum" if epoch < loss_config.warmup_epochs else loss_config.negatives
+        for optimizer, scale in ((self.optimizer, 1.0), (self.adversary, train.adversary_lr_scale)):
+            for group in optimizer.param_groups if optimizer else ():
+                group["lr"] = lr * scale * group.get("lr_scale", 1.0)  # states saved before lr_scale have none
+        context = TrainingContext(self.config.loss, epoch)
         loader = make_loader(self.dataset, 1, train.workers, batch_sampler=self._epoch_batches(epoch))
         self.model.train()
-        total, count = 0.0, 0
+        totals, count = {}, 0
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{train.epochs}", disable=not (self.progress and self.process.main))
         for batch in bar:
-            loss = self._step(batch, negatives)
-            total, count = total + loss, count + 1
-            bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.1e}")
+            values, count = self._step(batch, context), count + 1
+            totals = {name: totals.get(name, 0.0) + value for name, value in values.items()}
+            bar.set_postfix({name: f"{value:.3f}" for name, value in values.items()} | {"lr": f"{lr:.1e}"})
             if self.writer and self.state.step % train.log_every == 0:
-                self.writer.add_scalar("train/loss", loss, self.state.step)
+                for name, value in values.items():
+                    self.writer.add_scalar(f"train/{name}", value, self.state.step)
                 self.writer.add_scalar("train/lr", lr, self.state.step)
             if train.checkpoint_every and self.state.batches_done % train.checkpoint_every == 0:
                 self._save("last.pt")
-        return total / max(count, 1)
+        return {name: total / max(count, 1) for name, total in totals.items()}
 
-    def _step(self, batch: dict, negatives: str) -> float:
-        device = self.process.device
-        scores = self.network(
-            image_input(batch).to(device),
-            batch["tokens"].to(device),
-            batch["lengths"],
-            batch["adjacency"].to(device) if "adjacency" in batch else None,
-        )
-        image_ids = batch["image_index"].to(device) if self.config.loss.exclude_same_image else None
-        loss = triplet_ranking_loss(scores, self.config.loss, image_ids, negatives)
+    def _step(self, batch: dict, context: TrainingContext) -> dict[str, float]:
+        """One optimizer step on the weighted sum of the model's loss terms, then one of the
+        adversary (if the model has one) on its own terms; returns "loss" and every term."""
+        batch = {key: value.to(self.process.device) for key, value in batch.items()}
+        terms = self.network(batch, context)
+        loss = weighted_loss(terms, self.config.loss, context.epoch)
+        self._descend(self.optimizer, loss)
+        values = {"loss": loss.item()} | {name: value.item() for name, value in terms.items()}
+        if self.adversary is not None:
+            adversary_terms = self.network(batch, context, adversary=True)
+            self._descend(self.adversary, weighted_loss(adversary_terms, self.config.loss, context.epoch))
+            values |= {name: value.item() for name, value in adversary_terms.items()}
+        self.state.step += 1
+        self.state.batches_done += 1
+        return values
+
+    def _descend(self, optimizer: torch.optim.Optimizer, loss: torch.Tensor) -> None:
         if not torch.isfinite(loss):
             raise ItmatchError(
                 f"the loss became {loss.item()} at step {self.state.step}; last.pt holds the last good state"
             )
-        self.optimizer.zero_grad(set_to_none=True)
+        self.model.zero_grad(set_to_none=True)
         loss.backward()
         if self.config.train.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.train.grad_clip)
-        self.optimizer.step()
-        self.state.step += 1
-        self.state.batches_done += 1
-        return loss.item()
+            params = [p for group in optimizer.param_groups for p in group["params"]]
+            torch.nn.utils.clip_grad_norm_(params, self.config.train.grad_clip)
+        optimizer.step()
 
-    def _end_epoch(self, loss: float, seconds: float) -> None:
+    def _end_epoch(self, losses: dict[str, float], seconds: float) -> None:
         state = self.state
         state.epoch, state.batches_done = state.epoch + 1, 0
         record = {
             "epoch": state.epoch,
-            "loss": loss,
+            **losses,
             "lr": self._learning_rate(state.epoch - 1),
             "seconds": round(seconds, 1),
         }
@@ -239,6 +264,8 @@ class _Trainer:
         if not self.process.main:
             return
         extra = {"optimizer": self.optimizer.state_dict()} if with_optimizer else {}
+        if with_optimizer and self.adversary is not None:
+            extra["adversary_optimizer"] = self.adversary.state_dict()
         save_checkpoint(self.run_dir / name, self.model, self.config, state=asdict(self.state), **extra)
 
 
@@ -246,6 +273,38 @@ def _optimizer(model, config: RunConfig) -> torch.optim.Optimizer:
     train = config.train
     kind = torch.optim.AdamW if train.optimizer == "adamw" else torch.optim.Adam
     return kind(model.parameter_groups(), lr=train.learning_rate, weight_decay=train.weight_decay)
+
+
+def _adversary_optimizer(model, config: RunConfig) -> torch.optim.Optimizer | None:
+    """The second optimizer, over the model's adversary parameters (None if it has none)."""
+    params = model.adversary_parameters()
+    if not params:
+        return None
+    train = config.train
+    kind = torch.optim.AdamW if train.optimizer == "adamw" else torch.optim.Adam
+    return kind(params, lr=train.learning_rate * train.adversary_lr_scale, weight_decay=train.weight_decay)
+
+
+def weighted_loss(terms: dict[str, torch.Tensor], config: LossConfig, epoch: int) -> torch.Tensor:
+    """The sum of the loss terms, each times its weight at `epoch` (`LossConfig.weight`)."""
+    if not terms:
+        raise ItmatchError("the model returned no loss terms")
+    return sum(config.weight(name, epoch) * value for name, value in terms.items())
+
+
+def grouped_caption_order(split, per_image: int, generator: torch.Generator) -> list[int]:
+    """Captions in groups of `per_image` of one image, images in random order: batches of P images
+    x K captions (identity and CMPM losses need several captions per identity in a batch). Each
+    image contributes one group of randomly chosen captions; images with fewer are left out."""
+    image_of = torch.as_tensor(split.image_of_caption(np.arange(split.n_captions)))
+    shuffled = torch.randperm(len(image_of), generator=generator)
+    by_image = shuffled[torch.argsort(image_of[shuffled], stable=True)]  # random order inside each image
+    counts = torch.bincount(image_of, minlength=split.n_images)
+    starts = torch.cumsum(counts, 0) - counts
+    images = torch.randperm(split.n_images, generator=generator)
+    images = images[counts[images] >= per_image]
+    picks = starts[images, None] + torch.arange(per_image)
+    return by_image[picks.flatten()].tolist()
 
 
 def _epoch_line(record: dict, improved: bool) -> str:
@@ -325,9 +384,8 @@ def _fit_to_data(config: RunConfig, split: PrecompSplit | RawImageSplit, vocab: 
     if isinstance(split, RawImageSplit) and config.backbone is None:
         config = replace(config, backbone=BackboneConfig())
     regions = split if config.backbone is None else build_backbone(config.backbone)  # both know the shape
-    sizes = {"img_dim": regions.feature_dim} | ({} if vocab is None else {"vocab_size": len(vocab)})
-    if hasattr(config.model, "n_regions"):
-        sizes["n_regions"] = regions.n_regions
+    model_class = architecture_class(config.architecture)
+    sizes = model_class.data_settings(config.model, regions.feature_dim, regions.n_regions, vocab)
     return build_run_config(config.to_dict(), {"model": sizes})
 
 
@@ -356,7 +414,7 @@ def _resume(run_dir: Path, requested: RunConfig, overrides: dict | None, log):
         f"resuming {run_dir} after epoch {state.epoch}"
         + (f", batch {state.batches_done}" if state.batches_done else "")
     )
-    return model, config, state, payload.get("optimizer")
+    return model, config, state, {name: payload.get(name) for name in ("optimizer", "adversary_optimizer")}
 
 
 def _changed_settings(before: dict, after: dict, groups: tuple[str, ...], where: str = "") -> list[str]:

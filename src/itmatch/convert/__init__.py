@@ -1,4 +1,5 @@
-"""Converters from official training checkpoints to itmatch checkpoints, one module per source."""
+"""Converters from official training checkpoints to itmatch checkpoints, one module per source;
+each model family names its converter where it registers (`itmatch.models.registry`)."""
 
 from __future__ import annotations
 
@@ -7,19 +8,13 @@ from importlib import import_module
 from pathlib import Path
 
 from itmatch.errors import CheckpointError
-
-# source name (as in `itmatch convert SOURCE`) -> "module:function(checkpoint, out, vocab=None)"
-CONVERTERS = {
-    "official-cmcan": "itmatch.convert.cmcan:convert_official_cmcan",
-    "official-scan": "itmatch.convert.scan:convert_official_scan",
-    "official-sgraf": "itmatch.convert.sgraf:convert_official_sgraf",
-}
+from itmatch.models.registry import official_sources
 
 
 def converter(source: str):
     """The conversion function of `source`; options or tensors of unexpected types in the
     checkpoint (a crafted or damaged file) are a CheckpointError naming it."""
-    module, function = CONVERTERS[source].split(":")
+    module, function = official_sources()[source].split(":")
     convert = getattr(import_module(module), function)
 
     @functools.wraps(convert)

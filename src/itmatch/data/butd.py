@@ -58,7 +58,7 @@ def import_butd(
     tsv, out = Path(tsv), Path(out)
     if (out / f"{split}_ims.npy").exists():
         raise DataError(out / f"{split}_ims.npy", "exists; choose another --out or --split")
-    lines, skipped = _scan(tsv, regions, progress)
+    lines, skipped = _check_lines(tsv, regions, progress)
     n_regions = regions or lines[0].n_boxes
     order, names, texts = _match(lines, captions, skipped, tsv)
     if not order:
@@ -113,14 +113,14 @@ def _read(tsv: Path) -> Iterator[tuple[int, list[str]]]:
 
 
 def _arrays(fields: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    """The (num_boxes, 4) boxes and (num_boxes, F) features of a line already checked by `_scan`."""
+    """The (num_boxes, 4) boxes and (num_boxes, F) features of a line already checked by `_check_lines`."""
     n_boxes = int(fields[3])
     boxes = np.frombuffer(base64.b64decode(fields[4], validate=True), dtype=np.float32).reshape(n_boxes, 4)
     features = np.frombuffer(base64.b64decode(fields[5], validate=True), dtype=np.float32).reshape(n_boxes, -1)
     return boxes, features
 
 
-def _scan(tsv: Path, regions: int | None, progress: bool) -> tuple[list[_Line], list[Skipped]]:
+def _check_lines(tsv: Path, regions: int | None, progress: bool) -> tuple[list[_Line], list[Skipped]]:
     """Every line checked: the usable ones, and why the others are left out."""
     lines, skipped, seen = [], [], {}
     for number, fields in tqdm(_read(tsv), desc="check TSV", disable=not progress, leave=False):

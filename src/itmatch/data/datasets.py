@@ -1,4 +1,4 @@
-"""Torch datasets over a precomp split (or a raw-image split, read through a PixelTransform):
+"""Torch datasets over a split, read through the named-input readers of `itmatch.data.inputs`:
 caption-image pairs for training, and images and captions separately for evaluation (each image
 is encoded once, not once per caption).
 
@@ -8,110 +8,67 @@ pack variable-length batches themselves.
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from itmatch.data.precomp import PrecompSplit
-from itmatch.data.raw import PixelTransform, RawImageSplit
-from itmatch.data.sources import check_image_input
-from itmatch.data.vocab import Vocabulary
-
-
-class PairDataset(Dataset):
-    """One item per caption, with its image: what a training batch is made of."""
-
-    def __init__(
-        self,
-        split: PrecompSplit | RawImageSplit,
-        vocab: Vocabulary,
-        adjacency: np.ndarray | None = None,
-        pixels: PixelTransform | None = None,
-    ):
-        self.split, self.vocab, self.adjacency, self.pixels = split, vocab, adjacency, pixels
-
-    def __len__(self) -> int:
-        return self.split.n_captions
-
-    def __getitem__(self, caption: int) -> dict:
-        image = int(self.split.image_of_caption(caption))
-        return {
-            **image_item(self.split, image, self.adjacency, self.pixels),
-            **caption_item(self.split, self.vocab, caption),
-        }
+from itmatch.data.inputs import Reader, Readers
 
 
 class ImageDataset(Dataset):
-    def __init__(
-        self,
-        split: PrecompSplit | RawImageSplit,
-        adjacency: np.ndarray | None = None,
-        pixels: PixelTransform | None = None,
-    ):
-        self.split, self.adjacency, self.pixels = split, adjacency, pixels
+    """One item per image: its named inputs and its "image_index"."""
+
+    def __init__(self, split, readers: dict[str, Reader]):
+        self.split, self.readers = split, readers
 
     def __len__(self) -> int:
         return self.split.n_images
 
     def __getitem__(self, image: int) -> dict:
-        return image_item(self.split, image, self.adjacency, self.pixels)
+        return {name: read(image) for name, read in self.readers.items()} | {"image_index": image}
 
 
 class CaptionDataset(Dataset):
-    def __init__(self, split: PrecompSplit, vocab: Vocabulary):
-        self.split, self.vocab = split, vocab
+    """One item per caption: its named inputs and its "caption_index"."""
+
+    def __init__(self, split, readers: dict[str, Reader]):
+        self.split, self.readers = split, readers
 
     def __len__(self) -> int:
         return self.split.n_captions
 
     def __getitem__(self, caption: int) -> dict:
-        return caption_item(self.split, self.vocab, caption)
+        return {name: read(caption) for name, read in self.readers.items()} | {"caption_index": caption}
 
 
-def image_item(
-    split: PrecompSplit | RawImageSplit, image: int, adjacency: np.ndarray | None, pixels: PixelTransform | None = None
-) -> dict:
-    """Region features (and graph rows) of a precomp split, or the pixels of a raw image."""
-    if pixels is not None:
-        return {"pixels": pixels(split.image_paths[image]), "image_index": image}
-    split.check_finite(image)
-    item = {"features": torch.from_numpy(np.array(split.features[image], dtype=np.float32)), "image_index": image}
-    if adjacency is not None:
-        item["adjacency"] = torch.from_numpy(np.array(adjacency[image], dtype=np.float32))
-    return item
+class PairDataset(Dataset):
+    """One item per caption, with its image's inputs: what a training batch is made of. The
+    "image_index" of each caption is the identity label losses read."""
 
+    def __init__(self, split, readers: Readers):
+        self.images, self.captions = ImageDataset(split, readers.image), CaptionDataset(split, readers.text)
+        self.split = split
 
-def caption_item(split: PrecompSplit, vocab: Vocabulary, caption: int) -> dict:
-    return {"tokens": torch.tensor(vocab.encode(split.captions[caption])), "caption_index": caption}
+    def __len__(self) -> int:
+        return self.split.n_captions
 
-
-def image_reading(model, split: PrecompSplit | RawImageSplit, augment=None) -> dict:
-    """How `model` reads the split's images, as dataset arguments: raw images through a
-    PixelTransform to its backbone's input size (with `augment`, an AugmentConfig, for training),
-    or region features with the region graph the model needs."""
-    check_image_input(split, model)
-    if model.backbone is not None:
-        return {"pixels": PixelTransform(model.backbone.config.image_size, augment)}
-    return {"adjacency": split.adjacency(*model.adjacency_spec()) if model.needs_adjacency else None}
-
-
-def image_input(batch: dict) -> torch.Tensor:
-    """A batch's images as the model takes them: pixels of raw images, else region features."""
-    return batch["pixels"] if "pixels" in batch else batch["features"]
+    def __getitem__(self, caption: int) -> dict:
+        return self.images[int(self.split.image_of_caption(caption))] | self.captions[caption]
 
 
 def collate(items: list[dict]) -> dict:
-    """Stacks features/adjacency, pads token ids with 0 (<pad>) and records lengths."""
+    """Stacks tensors of equal shapes; pads variable-length ones with 0 along their first axis and
+    records the lengths ("lengths" for "tokens", "{name}_lengths" for others); numbers become a
+    tensor."""
     batch = {}
     for key in items[0]:
         values = [item[key] for item in items]
-        if key == "tokens":
-            batch["lengths"] = torch.tensor([len(v) for v in values])
-            batch["tokens"] = torch.nn.utils.rnn.pad_sequence(values, batch_first=True)
-        elif torch.is_tensor(values[0]):
+        if not torch.is_tensor(values[0]):
+            batch[key] = torch.tensor(values)
+        elif all(v.shape == values[0].shape for v in values) and key != "tokens":
             batch[key] = torch.stack(values)
         else:
-            batch[key] = torch.tensor(values)
+            batch["lengths" if key == "tokens" else f"{key}_lengths"] = torch.tensor([len(v) for v in values])
+            batch[key] = torch.nn.utils.rnn.pad_sequence(values, batch_first=True)
     return batch
 
 

@@ -1,4 +1,4 @@
-"""One split of a SCAN/CMCAN "precomp" folder: region features, captions, boxes, region graph.
+"""One split of a SCAN/CMCAN "precomp" folder: region features, captions, boxes and image sizes.
 
 Opening a split checks every file cheaply (headers, counts, caption text) and never reads the
 features into memory: COCO's train features are 33 GB and stay a memory map.
@@ -6,21 +6,16 @@ features into memory: COCO's train features are 33 GB and stay a memory map.
 
 from __future__ import annotations
 
-import hashlib
-import os
 from functools import cached_property
 from pathlib import Path
 
 import numpy as np
 
-from itmatch.data.adjacency import adjacency_file_name, directional_adjacency
 from itmatch.errors import ConfigError, DataError
 from itmatch.files import atomic_write
 from itmatch.safe_pickle import load_npy
 
 _FEATURES_SUFFIX = "_ims.npy"
-# Images per block when checking an adjacency file's values (bounded memory on 113k images).
-_CHECK_CHUNK = 4096
 
 
 def read_captions(path: str | Path) -> list[str]:
@@ -64,16 +59,6 @@ def _row_repeat(features: np.ndarray, n_captions: int, repeat: int = 5) -> int:
     groups = [features[g * repeat : (g + 1) * repeat] for g in range(2)]
     repeated = all(np.array_equal(group[0], group[k]) for group in groups for k in range(1, repeat))
     return repeat if repeated and not np.array_equal(groups[0][0], groups[1][0]) else 1
-
-
-def cache_root() -> Path:
-    """`$ITMATCH_CACHE`, else `~/.cache/itmatch`."""
-    return Path(os.environ.get("ITMATCH_CACHE") or Path.home() / ".cache" / "itmatch")
-
-
-def _is_writable(folder: Path) -> bool:
-    # Asked up front rather than caught on failure, so a read-only folder costs no partial write.
-    return os.access(folder, os.W_OK)
 
 
 class CaptionedSplit:
@@ -123,11 +108,10 @@ class PrecompSplit(CaptionedSplit):
         # Some dumps store each image once per caption (N_rows == N_captions): read every 5th row.
         self.row_repeat = _row_repeat(features, len(self.captions))
         self._features = features[:: self.row_repeat]
-        self._n_images_in_file = self._features.shape[0]
+        self.n_images_in_file = self._features.shape[0]
         self.captions_per_image = self._count_captions_per_image()
         self.ids = self._read_ids()
-        self.n_images = self._n_images_in_file
-        self._adjacency: dict[tuple[int, bool], np.ndarray] = {}
+        self.n_images = self.n_images_in_file
         if max_captions is not None:
             self.truncate_captions(max_captions)
 
@@ -146,14 +130,14 @@ class PrecompSplit(CaptionedSplit):
             raise DataError(self.features_path, f"has shape {features.shape}: no data")
         return features
 
-    def _per_image(self, rows: np.ndarray | list) -> np.ndarray | list:
+    def per_image_rows(self, rows: np.ndarray | list) -> np.ndarray | list:
         """One entry per image of a file that may, like the features, repeat each image."""
-        if self.row_repeat > 1 and len(rows) == self._n_images_in_file * self.row_repeat:
+        if self.row_repeat > 1 and len(rows) == self.n_images_in_file * self.row_repeat:
             return rows[:: self.row_repeat]
         return rows
 
     def _count_captions_per_image(self) -> int:
-        n_captions, n_images = len(self.captions), self._n_images_in_file
+        n_captions, n_images = len(self.captions), self.n_images_in_file
         if n_captions % n_images:
             raise DataError(
                 self.captions_path,
@@ -164,11 +148,11 @@ class PrecompSplit(CaptionedSplit):
     def _read_ids(self) -> list[str] | None:
         if not self.ids_path.exists():
             return None
-        ids = self._per_image(read_captions(self.ids_path))
-        if len(ids) != self._n_images_in_file:
+        ids = self.per_image_rows(read_captions(self.ids_path))
+        if len(ids) != self.n_images_in_file:
             raise DataError(
                 self.ids_path,
-                f"has {len(ids):,} ids for {self._n_images_in_file:,} images in {self.features_path.name}",
+                f"has {len(ids):,} ids for {self.n_images_in_file:,} images in {self.features_path.name}",
             )
         return ids
 
@@ -192,7 +176,7 @@ class PrecompSplit(CaptionedSplit):
         if not np.isfinite(self._features[image_index]).all():
             raise DataError(self.features_path, f"image {image_index} has NaN or infinite features")
 
-    # ---- boxes, sizes, region graph ----
+    # ---- boxes and sizes ----
 
     @property
     def has_boxes(self) -> bool:
@@ -201,22 +185,22 @@ class PrecompSplit(CaptionedSplit):
     @property
     def boxes(self) -> np.ndarray:
         """(n_images, R, 4) float32 x1, y1, x2, y2 in pixels."""
-        return self._all_boxes[: self.n_images]
+        return self.file_boxes[: self.n_images]
 
     @property
     def image_sizes(self) -> np.ndarray:
         """(n_images, 2) int64 (w, h) in pixels."""
-        return self._all_sizes[: self.n_images]
+        return self.file_sizes[: self.n_images]
 
     @cached_property
-    def _all_boxes(self) -> np.ndarray:
+    def file_boxes(self) -> np.ndarray:
         raw = load_npy(self.boxes_path)
         try:
             boxes = np.stack(raw.tolist()) if raw.dtype == object else raw
-            boxes = self._per_image(boxes.astype(np.float32))
+            boxes = self.per_image_rows(boxes.astype(np.float32))
         except (ValueError, TypeError) as error:
             raise DataError(self.boxes_path, f"does not hold numeric boxes ({error})") from None
-        expected = (self._n_images_in_file, self.n_regions, 4)
+        expected = (self.n_images_in_file, self.n_regions, 4)
         if boxes.shape != expected:
             raise DataError(
                 self.boxes_path,
@@ -228,19 +212,19 @@ class PrecompSplit(CaptionedSplit):
         return boxes
 
     @cached_property
-    def _all_sizes(self) -> np.ndarray:
+    def file_sizes(self) -> np.ndarray:
         raw = load_npy(self.sizes_path)
         try:
             if raw.dtype == object:
                 # CMCAN's format: one {'image_w', 'image_h'} dict per image.
                 raw = np.array([(d["image_w"], d["image_h"]) for d in raw.tolist()], dtype=np.float64)
-            sizes = self._per_image(raw.astype(np.float64))
+            sizes = self.per_image_rows(raw.astype(np.float64))
         except (KeyError, TypeError, ValueError, IndexError) as error:
             raise DataError(
                 self.sizes_path,
                 f"must hold {{'image_w', 'image_h'}} dicts or (w, h) rows ({type(error).__name__}: {error})",
             ) from None
-        expected = (self._n_images_in_file, 2)
+        expected = (self.n_images_in_file, 2)
         if sizes.shape != expected:
             raise DataError(
                 self.sizes_path,
@@ -251,56 +235,6 @@ class PrecompSplit(CaptionedSplit):
             bad = int(np.flatnonzero(~valid)[0])
             raise DataError(self.sizes_path, f"image {bad} has size {sizes[bad].tolist()}: must be positive")
         return sizes.astype(np.int64)
-
-    def adjacency(self, per_direction: int = 1, self_loops: bool = True) -> np.ndarray:
-        """(n_images, R, R) directional region graph, a memory map.
-
-        Uses `{data_dir}/{adjacency_file_name(...)}` when present, else the copy in
-        `adjacency_cache_dir`; a file older than the boxes or sizes is ignored. Otherwise the graph
-        is built from boxes and sizes and saved in the data folder if writable (replacing a stale
-        file), else in the cache folder.
-        """
-        key = (per_direction, self_loops)
-        if key not in self._adjacency:
-            self._adjacency[key] = self._load_or_build_adjacency(per_direction, self_loops)
-        return self._adjacency[key][: self.n_images]
-
-    @property
-    def adjacency_cache_dir(self) -> Path:
-        """Where graphs go when the data folder is read-only: one folder per data folder."""
-        digest = hashlib.sha256(str(self.data_dir.resolve()).encode()).hexdigest()[:16]
-        return cache_root() / digest
-
-    def _load_or_build_adjacency(self, per_direction: int, self_loops: bool) -> np.ndarray:
-        name = adjacency_file_name(self.split, per_direction, self_loops)
-        for path in (self.data_dir / name, self.adjacency_cache_dir / name):
-            if path.exists() and not self._is_stale(path):
-                return self._open_adjacency(path)
-        if not self.has_boxes:
-            missing = self.boxes_path if not self.boxes_path.exists() else self.sizes_path
-            raise DataError(missing, f"file not found: it is needed to build {name}")
-        adjacency = directional_adjacency(self._all_boxes, self._all_sizes, per_direction, self_loops)
-        folder = self.data_dir if _is_writable(self.data_dir) else self.adjacency_cache_dir
-        atomic_write(folder / name, lambda file: np.save(file, adjacency))
-        return self._open_adjacency(folder / name)
-
-    def _is_stale(self, path: Path) -> bool:
-        """Older than the boxes or sizes it derives from (when those are present)."""
-        sources = [p.stat().st_mtime_ns for p in (self.boxes_path, self.sizes_path) if p.exists()]
-        return bool(sources) and path.stat().st_mtime_ns < max(sources)
-
-    def _open_adjacency(self, path: Path) -> np.ndarray:
-        adjacency = self._per_image(load_npy(path, mmap=True))
-        expected = (self._n_images_in_file, self.n_regions, self.n_regions)
-        if adjacency.shape != expected:
-            raise DataError(
-                path, f"has shape {adjacency.shape}: expected {expected} to match {self.features_path.name}"
-            )
-        for start in range(0, expected[0], _CHECK_CHUNK):
-            block = adjacency[start : start + _CHECK_CHUNK]
-            if not ((block == 0) | (block == 1)).all():
-                raise DataError(path, "holds values other than 0 and 1")
-        return adjacency
 
 
 def write_split_files(

@@ -103,7 +103,7 @@ class Vocabulary:
             raise DataError(path, f"is not valid JSON ({error})") from None
         except RecursionError:
             raise DataError(path, "is nested too deeply to be a vocabulary") from None
-        words = data if isinstance(data, list) else _scan_words(path, data)
+        words = data if isinstance(data, list) else _official_format_words(path, data)
         problem = _words_problem(words)
         if problem:
             raise DataError(path, problem)
@@ -111,16 +111,16 @@ class Vocabulary:
 
     def save(self, path: str | Path) -> None:
         """SCAN's JSON format (idx2word keys are strings), written atomically."""
-        scan = {
+        official_format = {
             "word2idx": self._ids,
             "idx2word": {str(i): word for i, word in enumerate(self.words)},
             "idx": len(self.words),
         }
-        text = json.dumps(scan).encode("utf-8")
+        text = json.dumps(official_format).encode("utf-8")
         atomic_write(Path(path), lambda file: file.write(text))
 
 
-def _scan_words(path: Path, data: Any) -> list[str]:
+def _official_format_words(path: Path, data: Any) -> list[str]:
     """The word list of SCAN's JSON, checking that its three fields agree."""
     if not isinstance(data, dict) or not {"word2idx", "idx2word", "idx"} <= data.keys():
         raise DataError(path, 'must be a list of words or an object with "word2idx", "idx2word", "idx"')

@@ -8,7 +8,8 @@ import torch
 from torch.utils.data import Subset
 from tqdm.auto import tqdm
 
-from itmatch.data.datasets import CaptionDataset, ImageDataset, image_input, image_reading, make_loader
+from itmatch.data.datasets import CaptionDataset, ImageDataset, make_loader
+from itmatch.data.inputs import readers_for
 from itmatch.data.precomp import PrecompSplit
 from itmatch.data.raw import RawImageSplit
 from itmatch.errors import InputError
@@ -34,31 +35,22 @@ def encode_split(
 ) -> tuple[Encoded, Encoded]:
     """Every image and every caption of the split encoded once, in order; with `rows`, only those
     images and their captions."""
-    tokenizer = model.tokenizer  # first: a model that cannot read text fails before any work
-    image_set, caption_set = ImageDataset(split, **image_reading(model, split)), CaptionDataset(split, tokenizer)
+    readers = readers_for(model, split)  # a model that cannot read the split fails before any work
+    image_set, caption_set = ImageDataset(split, readers.image), CaptionDataset(split, readers.text)
     if rows is not None:
         per_image = split.captions_per_image
         caption_rows = [row * per_image + j for row in rows for j in range(per_image)]
         image_set, caption_set = Subset(image_set, rows), Subset(caption_set, caption_rows)
-    images = [
-        model.encode_image_input(image_input(batch), batch.get("adjacency"))
-        for batch in tqdm(
-            make_loader(image_set, batch_size, workers),
-            desc="encode images",
-            disable=not progress,
-            leave=False,
+    loaders = [make_loader(items, batch_size, workers) for items in (image_set, caption_set)]
+    return tuple(
+        Encoded.cat([encode(batch) for batch in tqdm(loader, desc=desc, disable=not progress, leave=False)])
+        for encode, loader, desc in zip(
+            (model.encode_image_batch, model.encode_text_batch),
+            loaders,
+            ("encode images", "encode captions"),
+            strict=True,
         )
-    ]
-    texts = [
-        model.encode_texts(batch["tokens"], batch["lengths"])
-        for batch in tqdm(
-            make_loader(caption_set, batch_size, workers),
-            desc="encode captions",
-            disable=not progress,
-            leave=False,
-        )
-    ]
-    return Encoded.cat(images), Encoded.cat(texts)
+    )
 
 
 @torch.no_grad()

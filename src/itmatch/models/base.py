@@ -7,14 +7,18 @@ product of two vectors; cross-attention models run a network on every image-capt
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
+from itmatch.data.inputs import Inputs, derived_image_inputs
 from itmatch.errors import InputError
+
+if TYPE_CHECKING:
+    from itmatch.losses import TrainingContext
 
 
 @dataclass
@@ -82,8 +86,6 @@ class Matcher(nn.Module):
 
     architecture: ClassVar[str]
     config_class: ClassVar[type]
-    # Models that read the region graph (CMCAN) need adjacency, or boxes and image sizes.
-    needs_adjacency: ClassVar[bool] = False
     # The encoding key holding one unit vector per item whose dot products rank pairs: what a
     # first retrieval stage searches (None: the model has no such vector).
     embedding_key: ClassVar[str | None] = None
@@ -101,6 +103,14 @@ class Matcher(nn.Module):
         # The pixels -> regions image encoder of end-to-end training on raw images (set by
         # build_model from RunConfig.backbone); None when the model reads region features.
         self.backbone = None
+
+    @classmethod
+    def data_settings(cls, config, feature_dim: int, n_regions: int, vocab) -> dict:
+        """The model settings the training data decides: feature size, regions per image (for
+        configs that fix them), vocabulary size (a word vocabulary; None for a pretrained text
+        encoder's tokenizer)."""
+        settings = {"img_dim": feature_dim} | ({} if vocab is None else {"vocab_size": len(vocab)})
+        return settings | ({"n_regions": n_regions} if hasattr(config, "n_regions") else {})
 
     @property
     def device(self) -> torch.device:
@@ -130,64 +140,93 @@ class Matcher(nn.Module):
             groups.append({"params": params, "lr_scale": self.config.text.pretrained_lr_scale})
         return groups
 
-    def adjacency_spec(self) -> tuple[int, bool] | None:
-        """(neighbours per direction, self loops) of the region graph the model reads, if any."""
-        return None
-
     # -- the interface -------------------------------------------------------------------------
-    def encode_images(self, features: Tensor, adjacency: Tensor | None = None) -> Encoded:
+    def inputs(self) -> Inputs:
+        """The named inputs the model reads (see `itmatch.data.inputs`): region features and token
+        ids unless a model says otherwise."""
+        return Inputs()
+
+    def encode_images(self, features: Tensor, **inputs: Tensor) -> Encoded:
+        """Per-image encodings from the image inputs, passed by name."""
         raise NotImplementedError
 
-    def encode_texts(self, tokens: Tensor, lengths: Tensor) -> Encoded:
+    def encode_texts(self, tokens: Tensor, lengths: Tensor, **inputs: Tensor) -> Encoded:
+        """Per-caption encodings from token ids (padded with 0), lengths and other text inputs."""
         raise NotImplementedError
+
+    def encode_image_batch(self, batch: Mapping[str, Tensor]) -> Encoded:
+        """The images of a batch of named inputs: pixels through the backbone for a model that has
+        one, else the image inputs the model declares."""
+        if self.backbone is not None:
+            return self.encode_pixels(batch["pixels"])
+        return self.encode_images(**{name: batch[name] for name in self.inputs().image})
+
+    def encode_text_batch(self, batch: Mapping[str, Tensor]) -> Encoded:
+        """The captions of a batch of named inputs."""
+        extra = {name: batch[name] for name in self.inputs().text if name != "tokens"}
+        return self.encode_texts(batch["tokens"], batch["lengths"], **extra)
+
+    def training_losses(self, batch: Mapping[str, Tensor], context: TrainingContext) -> dict[str, Tensor]:
+        """The training objective of a batch as named terms (the trainer weights, sums and logs
+        them): the bidirectional triplet ranking loss on the batch's score matrix by default."""
+        from itmatch.losses import triplet_term
+        from itmatch.scoring import score_grid
+
+        scores = score_grid(self, self.encode_image_batch(batch), self.encode_text_batch(batch))
+        return {"triplet": triplet_term(scores, batch, context)}
+
+    def adversary_parameters(self) -> list[nn.Parameter]:
+        """Parameters trained by a second optimizer on `adversary_losses`, in alternation with
+        the rest (a modality discriminator); none by default."""
+        return []
+
+    def adversary_losses(self, batch: Mapping[str, Tensor], context: TrainingContext) -> dict[str, Tensor]:
+        raise NotImplementedError
+
+    def forward(self, batch: Mapping[str, Tensor], context: TrainingContext, adversary: bool = False):
+        """The loss terms of a batch: what training calls (and DistributedDataParallel wraps)."""
+        return self.adversary_losses(batch, context) if adversary else self.training_losses(batch, context)
 
     def similarity(
         self,
         images: Tensor,
         captions: Tensor,
         lengths: Tensor,
-        adjacency: Tensor | None = None,
         boxes: Tensor | None = None,
         image_sizes: Tensor | None = None,
         precision: str = "fp32",
+        **inputs: Tensor,
     ) -> Tensor:
         """The (n_images, n_captions) score matrix of region features (pixels for a model with
         a backbone) and token-id captions.
 
-        For models that read the region graph, `adjacency` is derived from `boxes` and
-        `image_sizes` (w, h) when it is not given. `precision`: "fp32", "bf16" or "fp16" scoring.
+        Other image inputs the model reads are given by name (`region_graph=...`), or derived
+        from `boxes` and `image_sizes` (w, h). `precision`: "fp32", "bf16" or "fp16" scoring.
         """
-        if self.needs_adjacency and adjacency is None and self.backbone is None:
-            adjacency = self._adjacency_from_boxes(images, boxes, image_sizes)
         from itmatch.scoring import ScoringOptions, score_grid
 
-        encoded = self.encode_image_input(images, adjacency), self.encode_texts(captions, lengths)
+        batch = {"pixels" if self.backbone is not None else "features": images, **inputs}
+        if self.backbone is None:
+            missing = [name for name in self.inputs().image if name not in batch]
+            batch |= derived_image_inputs(missing, self.inputs(), images, boxes, image_sizes)
+        encoded = self.encode_image_batch(batch), self.encode_texts(captions, lengths)
         return score_grid(self, *encoded, ScoringOptions(precision=precision))
-
-    def forward(self, images: Tensor, tokens: Tensor, lengths: Tensor, adjacency: Tensor | None = None) -> Tensor:
-        """The score matrix of a batch: what training calls (and DistributedDataParallel wraps)."""
-        from itmatch.scoring import score_grid
-
-        return score_grid(self, self.encode_image_input(images, adjacency), self.encode_texts(tokens, lengths))
-
-    def encode_image_input(self, images: Tensor, adjacency: Tensor | None = None) -> Encoded:
-        """`encode_pixels` for a model with a backbone, else `encode_images` of region features."""
-        return self.encode_images(images, adjacency) if self.backbone is None else self.encode_pixels(images)
 
     def encode_pixels(self, pixels: Tensor) -> Encoded:
         """Images as pixels (n, 3, S, S), uint8 or [0, 1], through the backbone into `encode_images`;
-        models that read the region graph get the graph of the backbone's grid cells."""
+        other image inputs (boxes, region graph) are those of the backbone's grid cells."""
         if self.backbone is None:
             raise InputError(f"this {self.architecture} model reads region features, not pixels: it has no backbone")
         size = self.backbone.config.image_size
         if not torch.is_tensor(pixels) or pixels.dim() != 4 or tuple(pixels.shape[1:]) != (3, size, size):
             raise InputError(f"pixels must be a tensor (n_images, 3, {size}, {size}), got {_describe(pixels)}")
         features = self.backbone(pixels)
-        adjacency = None
-        if self.needs_adjacency:  # the same grid, hence the same graph, for every image
-            grid = self._adjacency_from_boxes(features[:1], self.backbone.grid_boxes()[None], [[size, size]])
-            adjacency = grid.to(features.device).expand(len(features), -1, -1)
-        return self.encode_images(features, adjacency)
+        others = [name for name in self.inputs().image if name != "features"]
+        grid = derived_image_inputs(
+            others, self.inputs(), features[:1], self.backbone.grid_boxes()[None], [[size, size]]
+        )
+        grid = {name: value.to(features.device).expand(len(features), *value.shape[1:]) for name, value in grid.items()}
+        return self.encode_images(features, **grid)
 
     @property
     def tile_spans_all_images(self) -> bool:
@@ -234,22 +273,6 @@ class Matcher(nn.Module):
         if tokens.numel() and (tokens.min() < 0 or tokens.max() >= vocab_size):
             raise InputError(f"word ids must be within 0..{vocab_size - 1} (the model's {source})")
         return tokens.to(self.device, torch.int64), lengths
-
-    def _adjacency_from_boxes(self, images: Tensor, boxes, image_sizes) -> Tensor:
-        from itmatch.data.adjacency import directional_adjacency
-
-        if boxes is None or image_sizes is None:
-            raise InputError(f"{self.architecture} needs the region graph: pass adjacency, or boxes and image_sizes")
-        boxes = np.asarray(torch.as_tensor(boxes).cpu(), dtype=np.float32)
-        sizes = np.asarray(torch.as_tensor(image_sizes).cpu())
-        if boxes.shape != (*images.shape[:2], 4) or sizes.shape != (images.shape[0], 2):
-            raise InputError(
-                f"boxes must be (n_images, n_regions, 4) and image_sizes (n_images, 2) for features "
-                f"of shape {tuple(images.shape)}; got {boxes.shape} and {sizes.shape}"
-            )
-        per_direction, self_loops = self.adjacency_spec()
-        graph = directional_adjacency(boxes, sizes, per_direction=per_direction, self_loops=self_loops)
-        return torch.from_numpy(graph)
 
 
 def _describe(value) -> str:

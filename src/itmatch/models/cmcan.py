@@ -18,6 +18,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from itmatch.data.inputs import Inputs
 from itmatch.errors import InputError
 from itmatch.models.base import CrossAttentionMatcher, Encoded
 from itmatch.models.layers import (
@@ -31,7 +32,7 @@ from itmatch.models.layers import (
     l2norm,
     xavier_init,
 )
-from itmatch.models.registry import register
+from itmatch.models.registry import official_parts, register
 from itmatch.models.text import TextConfig, build_text_encoder
 
 
@@ -106,11 +107,10 @@ def neighbour_counts(adjacency: Tensor, n_slots: int | None) -> Tensor:
     return counts.scatter_add_(-1, slots, torch.ones_like(slots, dtype=torch.float32))
 
 
-@register
+@register(converter="itmatch.convert.cmcan:convert_official_cmcan", recognizes=official_parts(5))
 class CMCAN(CrossAttentionMatcher):
     architecture = "cmcan"
     config_class = CMCANConfig
-    needs_adjacency = True
     # The attention-pooled global vectors (unit length) serve as a first retrieval stage.
     embedding_key = "global"
 
@@ -134,16 +134,19 @@ class CMCAN(CrossAttentionMatcher):
             if module is not self.text_encoder:
                 xavier_init(module)
 
-    def adjacency_spec(self) -> tuple[int, bool]:
-        return self.config.context.per_direction, self.config.context.self_loops
+    def inputs(self) -> Inputs:
+        context = self.config.context
+        graph = {"per_direction": context.per_direction, "self_loops": context.self_loops}
+        return Inputs(image=("features", "region_graph"), options={"region_graph": graph})
 
     # -- per image -----------------------------------------------------------------------------
-    def encode_images(self, features: Tensor, adjacency: Tensor | None = None) -> Encoded:
+    def encode_images(self, features: Tensor, region_graph: Tensor | None = None) -> Encoded:
         config = self.config
         features = self._check_features(features, config.img_dim, config.n_regions)
+        adjacency = region_graph
         if adjacency is None or tuple(adjacency.shape) != (*features.shape[:2], features.shape[1]):
             raise InputError(
-                f"CMCAN needs an adjacency of shape {(*features.shape[:2], features.shape[1])}, "
+                f"the model needs a region_graph of shape {(*features.shape[:2], features.shape[1])}, "
                 f"got {None if adjacency is None else tuple(adjacency.shape)}"
             )
         regions = self.image_proj(features)

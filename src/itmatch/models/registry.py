@@ -1,20 +1,50 @@
-"""Architecture registry: a new method is one module in itmatch.models that registers its Matcher
-class, plus a preset JSON; it is found without editing any other file."""
+"""The one registry of model families: a new method is one module in itmatch.models that registers
+its Matcher class (with, optionally, its official-checkpoint converter and a check that recognises
+those checkpoints), plus a preset JSON; it is found without editing any other file, and no code
+outside `models/` and `convert/` names a family.
+"""
 
 from __future__ import annotations
 
 import importlib
 import pkgutil
+from collections.abc import Callable
+from dataclasses import dataclass
 
 from itmatch.errors import ConfigError
 from itmatch.models.backbones import build_backbone
 
-_ARCHITECTURES: dict[str, type] = {}
+
+@dataclass(frozen=True)
+class Family:
+    """A registered model family: its class, the "module:function(checkpoint, out, vocab=None)"
+    converting its official training checkpoints, and a test `recognizes(payload)` telling whether
+    a loaded official checkpoint is one of them."""
+
+    model_class: type
+    converter: str | None = None
+    recognizes: Callable[[dict], bool] | None = None
 
 
-def register(cls: type) -> type:
-    _ARCHITECTURES[cls.architecture] = cls
-    return cls
+_FAMILIES: dict[str, Family] = {}
+
+
+def register(cls: type | None = None, *, converter: str | None = None, recognizes=None):
+    """Class decorator registering a model family: `@register`, or `@register(converter=...,
+    recognizes=...)` for a family whose official checkpoints `itmatch convert` reads."""
+
+    def add(model_class: type) -> type:
+        _FAMILIES[model_class.architecture] = Family(model_class, converter, recognizes)
+        return model_class
+
+    return add(cls) if cls is not None else add
+
+
+def official_parts(n_parts: int) -> Callable[[dict], bool]:
+    """Recognises the official training scripts' {"model": [n_parts state dicts], "opt": ...}."""
+    return lambda payload: (
+        isinstance(payload.get("model"), list) and len(payload["model"]) == n_parts and "opt" in payload
+    )
 
 
 def _discover() -> None:
@@ -27,19 +57,38 @@ def _discover() -> None:
 
 def architectures() -> list[str]:
     _discover()
-    return sorted(_ARCHITECTURES)
+    return sorted(_FAMILIES)
+
+
+def family(name: str) -> Family:
+    if name not in _FAMILIES:
+        _discover()
+    if name not in _FAMILIES:
+        raise ConfigError(f"unknown architecture {name!r}; available: {', '.join(sorted(_FAMILIES))}")
+    return _FAMILIES[name]
 
 
 def architecture_class(name: str) -> type:
-    if name not in _ARCHITECTURES:
-        _discover()
-    if name not in _ARCHITECTURES:
-        raise ConfigError(f"unknown architecture {name!r}; available: {', '.join(sorted(_ARCHITECTURES))}")
-    return _ARCHITECTURES[name]
+    return family(name).model_class
 
 
 def config_class(name: str) -> type:
     return architecture_class(name).config_class
+
+
+def official_sources() -> dict[str, str]:
+    """`itmatch convert` sources ("official-{architecture}") -> their converter."""
+    _discover()
+    return {f"official-{name}": entry.converter for name, entry in _FAMILIES.items() if entry.converter}
+
+
+def recognize_official(payload: dict) -> str | None:
+    """The architecture whose official training checkpoint `payload` is, if one recognises it."""
+    _discover()
+    for name, entry in _FAMILIES.items():
+        if entry.recognizes is not None and entry.recognizes(payload):
+            return name
+    return None
 
 
 def create_model(architecture: str, model_config):

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from itmatch.models.base import CrossAttentionMatcher, Encoded
 from itmatch.models.layers import CrossAttentionConfig, attention_weights, l2norm, xavier_init
-from itmatch.models.registry import register
+from itmatch.models.registry import official_parts, register
 from itmatch.models.text import TextConfig, build_text_encoder
 
 
@@ -51,7 +51,7 @@ class SCANConfig:
     cosine_eps: float = 1e-8
 
 
-@register
+@register(converter="itmatch.convert.scan:convert_official_scan", recognizes=official_parts(2))
 class SCAN(CrossAttentionMatcher):
     architecture = "scan"
     config_class = SCANConfig
@@ -63,7 +63,7 @@ class SCAN(CrossAttentionMatcher):
         xavier_init(self.image_proj)
 
     # -- per image / per caption ---------------------------------------------------------------
-    def encode_images(self, features: Tensor, adjacency: Tensor | None = None) -> Encoded:
+    def encode_images(self, features: Tensor) -> Encoded:
         regions = self.image_proj(self._check_features(features, self.config.img_dim, None))
         if self.config.image_norm:
             regions = l2norm(regions)

@@ -47,7 +47,7 @@ from itmatch.models.layers import (
     l2norm,
     xavier_init,
 )
-from itmatch.models.registry import register
+from itmatch.models.registry import official_parts, register
 from itmatch.models.text import TextConfig, build_text_encoder
 
 
@@ -81,7 +81,7 @@ class SGRAFConfig:
             raise ConfigError(f"model.sgr_steps must be >= 0, got {self.sgr_steps}")
 
 
-@register
+@register(converter="itmatch.convert.sgraf:convert_official_sgraf", recognizes=official_parts(3))
 class SGRAF(CrossAttentionMatcher):
     architecture = "sgraf"
     config_class = SGRAFConfig
@@ -110,7 +110,7 @@ class SGRAF(CrossAttentionMatcher):
                 xavier_init(module)
 
     # -- per image -----------------------------------------------------------------------------
-    def encode_images(self, features: Tensor, adjacency: Tensor | None = None) -> Encoded:
+    def encode_images(self, features: Tensor) -> Encoded:
         config = self.config
         regions = self.image_proj(self._check_features(features, config.img_dim, config.n_regions))
         if config.image_norm:

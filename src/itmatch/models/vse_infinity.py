@@ -201,7 +201,7 @@ class VSEInfinity(EmbeddingMatcher):
             raise ConfigError(f"model.word_mask_share > 0 needs a mask token; {config.text.encoder} has none")
 
     # -- images ------------------------------------------------------------------------------------
-    def encode_images(self, features: Tensor, adjacency: Tensor | None = None) -> Encoded:
+    def encode_images(self, features: Tensor) -> Encoded:
         config = self.config
         features = self._check_features(features, config.img_dim, None)
         kept = self.region_keep_mask(features)

@@ -37,7 +37,7 @@ class VSEPP(EmbeddingMatcher):
         self.text_encoder = build_text_encoder(config.text, config.vocab_size, config.embed_size)
         xavier_init(self.image_proj)
 
-    def encode_images(self, features: Tensor, adjacency: Tensor | None = None) -> Encoded:
+    def encode_images(self, features: Tensor) -> Encoded:
         regions = self.image_proj(self._check_features(features, self.config.img_dim, None))
         pooled = regions.mean(1) if self.config.image_pooling == "mean" else regions.amax(1)
         return Encoded({"vector": l2norm(pooled)})

@@ -15,6 +15,7 @@ from torch import Tensor
 from itmatch.data.tokenizer import tokenize
 from itmatch.data.vocab import UNK
 from itmatch.errors import InputError, ItmatchError
+from itmatch.models.abilities import Explains
 from itmatch.retrieval import embeddings, encode_queries, rerank, search_images, search_texts
 from itmatch.service.index import SearchIndex
 
@@ -25,8 +26,8 @@ class NotSupported(ItmatchError):
 
 def can_explain(index: SearchIndex) -> bool:
     """Whether the model explains a match (region confidences, attention of the words of its
-    vocabulary over the regions): CMCAN reading words."""
-    return callable(getattr(index.model, "explain", None)) and index.model.vocab is not None
+    vocabulary over the regions): the `Explains` ability, with a word vocabulary."""
+    return isinstance(index.model, Explains) and index.model.vocab is not None
 
 
 @torch.no_grad()
@@ -80,7 +81,7 @@ def explain_match(index: SearchIndex, image: int, text: str) -> dict:
     if not can_explain(index):
         raise NotSupported(
             f"{model.run_config.preset} ({model.architecture}) does not explain its scores: "
-            "explanations need a CMCAN index with a word vocabulary"
+            "explanations need a model that explains its scores, reading words of a vocabulary"
         )
     _check_image(index, image)
     texts = encode_queries(model, [text])

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from conftest import SHARED
 
-from itmatch.data import adjacency as adjacency_module
-from itmatch.data.adjacency import adjacency_file_name, directional_adjacency
+from itmatch.data import region_graph as adjacency_module
+from itmatch.data.region_graph import adjacency_file_name, directional_adjacency
 from itmatch.errors import InputError
 
 FIXTURE = SHARED / "fixtures" / "cmcan_official_small_io.npz"
