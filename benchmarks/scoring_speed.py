@@ -27,8 +27,8 @@ import torch
 from official_style import official_style_scores
 
 from itmatch import build_run_config, create_model, load_checkpoint
-from itmatch.data.region_graph import directional_adjacency
 from itmatch.data.precomp import PrecompSplit
+from itmatch.data.region_graph import directional_adjacency
 from itmatch.device import default_device
 from itmatch.evaluation.metrics import retrieval_metrics
 from itmatch.evaluation.runner import evaluate_split

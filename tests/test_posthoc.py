@@ -285,7 +285,6 @@ def test_batch_retrieval_ranks_by_the_stages(gallery):
     from itmatch.checkpoint import load_checkpoint
     from itmatch.data.precomp import PrecompSplit
     from itmatch.evaluation.runner import encode_split
-    from itmatch.scoring import score_grid
     from itmatch.retrieval import search_images, search_texts
 
     data, checkpoints = gallery

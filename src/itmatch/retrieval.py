@@ -14,11 +14,8 @@ import torch
 from torch import Tensor
 
 from itmatch.errors import InputError
-<<<<<<< HEAD
 from itmatch.evaluation.posthoc import PostHoc
-=======
 from itmatch.models.abilities import has_embedding
->>>>>>> 85afda1 (WIP contract: named inputs, model-owned loss terms, registry entries with converters)
 from itmatch.models.base import Encoded, Matcher
 from itmatch.scoring import DEFAULT, ScoringOptions, score_grid, score_pairs
 

@@ -80,8 +80,9 @@ def evaluate_split(
     the rank the query gets back. `rerank_k` scores only each query's top k by embedding (the
     model's own, or those of the `first_stage` model) with the full model; `candidates="margin"`
     shares the same budget of pairs out by the first stage's confidence instead
-    (`itmatch.retrieval.candidate_pairs`). `scoring` says how pairs
-    are scored (memory budget, precision, compile; see `itmatch.scoring`). The result records the pairs scored and the seconds spent scoring.
+    (`itmatch.retrieval.candidate_pairs`). `scoring` says how pairs are scored (memory budget,
+    precision, compile; see `itmatch.scoring`). The result records the pairs scored and the
+    seconds spent scoring.
     """
     if protocol not in PROTOCOLS:
         raise InputError(f"unknown protocol {protocol!r}; choose one of {', '.join(PROTOCOLS)}")
@@ -108,30 +109,9 @@ def evaluate_split(
         images = slice(fold * fold_images, (fold + 1) * fold_images)
         texts = slice(images.start * per_image, images.stop * per_image)
         fold_codes = [(image_codes.select(images), text_codes.select(texts)) for image_codes, text_codes in encodings]
-        if rerank_k is None:
-            matrices = [
-                score_grid(model, *codes, scoring).cpu()
-                for model, codes in zip(models, fold_codes, strict=False)
-            ]
-            views = posthoc(matrices)
-            i2t_sims = views.i2t.numpy()
-            t2i_sims = None if views.t2i is views.i2t else views.t2i.numpy()
-            pairs_scored += sum(sims.numel() for sims in matrices)
-        else:
-            stage_model, stage_codes = (
-                (first_stage, fold_codes[1]) if first_stage is not None else (models[0], fold_codes[0])
-            )
-            first_images, first_texts = (embeddings(stage_model, codes) for codes in stage_codes)
-            sims, pairs = two_stage_scores(
-                models[0],
-                *fold_codes[0],
-                first_images,
-                first_texts,
-                rerank_k,
-                scoring,
-                candidates,
-            )
-            i2t_sims, t2i_sims, pairs_scored = sims.numpy(), None, pairs_scored + pairs
+        rerank = None if rerank_k is None else (rerank_k, first_stage, candidates)
+        i2t_sims, t2i_sims, pairs = _fold_rankings(models, fold_codes, posthoc, scoring, rerank)
+        pairs_scored += pairs
         folds.append(retrieval_metrics(i2t_sims, per_image, t2i_sims=t2i_sims))
     result = aggregate_folds(folds) if n_folds > 1 else folds[0]
     return {
@@ -147,3 +127,19 @@ def evaluate_split(
         "pairs_scored": pairs_scored,
         "scoring_seconds": round(time.perf_counter() - started, 3),
     }
+
+
+def _fold_rankings(models, fold_codes, posthoc: PostHoc, scoring: ScoringOptions, rerank) -> tuple:
+    """(scores ranking captions for each image, scores ranking images for each caption or None
+    when the same, pairs scored) of one fold: every pair by every model, fused and put through the
+    post-hoc stages; or with `rerank` = (k, first-stage model, candidate rule), two stages."""
+    if rerank is None:
+        matrices = [score_grid(model, *codes, scoring).cpu() for model, codes in zip(models, fold_codes, strict=False)]
+        views = posthoc(matrices)
+        t2i_sims = None if views.t2i is views.i2t else views.t2i.numpy()
+        return views.i2t.numpy(), t2i_sims, sum(sims.numel() for sims in matrices)
+    rerank_k, first_stage, candidates = rerank
+    stage_model, stage_codes = (first_stage, fold_codes[1]) if first_stage is not None else (models[0], fold_codes[0])
+    first_images, first_texts = (embeddings(stage_model, codes) for codes in stage_codes)
+    sims, pairs = two_stage_scores(models[0], *fold_codes[0], first_images, first_texts, rerank_k, scoring, candidates)
+    return sims.numpy(), None, pairs
