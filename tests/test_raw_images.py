@@ -162,8 +162,9 @@ def test_broken_sources_are_errors_naming_the_file(tmp_path):
         RawSource(tmp_path)
     with pytest.raises(DataError, match="not a raw-image source"):
         RawSource(tmp_path / "..")
+    (tmp_path / "empty").mkdir()  # neither photos nor features (tmp_path/.. holds other tests' photos)
     with pytest.raises(DataError, match="train_ims.npy: file not found"):
-        open_split(tmp_path / "..", "train")
+        open_split(tmp_path / "empty", "train")
     write_image(tmp_path / "ok" / "a.jpg")
     write_csv(tmp_path / "ok" / "captions.csv", [["image", "caption"], ["a.jpg", "hi"], ["gone.jpg", "hi"]])
     with pytest.raises(DataError, match=r"captions.csv: has no split 'train'; its splits: all"):

@@ -96,8 +96,11 @@ def test_build_vocab_for_dir(tmp_path: Path) -> None:
     (tmp_path / "dev_caps.txt").write_text("a cat\n")
     (tmp_path / "test_caps.txt").write_text("zebra zebra zebra\n")
     assert build_vocab_for_dir(tmp_path, threshold=2).words[4:] == ["a", "dog"]
-    (tmp_path / "dev_caps.txt").unlink()
-    with pytest.raises(DataError, match="dev_caps.txt"):
+    assert build_vocab_for_dir(tmp_path, threshold=1).words[4:] == ["a", "dog", ".", "runs", "cat"]
+    (tmp_path / "dev_caps.txt").unlink()  # no dev split: train alone
+    assert build_vocab_for_dir(tmp_path, threshold=1).words[4:] == ["a", "dog", ".", "runs"]
+    (tmp_path / "train_caps.txt").unlink()
+    with pytest.raises(DataError, match="train_caps.txt"):
         build_vocab_for_dir(tmp_path)
 
 

@@ -109,7 +109,7 @@ class RawSource:
         skipped += [problem for name in names for problem in self.collector.problems.get(name, [])]
         kept, per_image = _with_enough_captions([self.collector.images[name] for name in names], skipped)
         paths = [self._resolve(image.name) for image in kept]
-        sizes, reasons = _check_images(paths, progress) if verify_images else (None, [None] * len(kept))
+        sizes, reasons = check_images(paths, progress) if verify_images else (None, [None] * len(kept))
         usable = [i for i, reason in enumerate(reasons) if reason is None]
         skipped += [Skipped(kept[i].name, reasons[i]) for i in range(len(kept)) if reasons[i] is not None]
         if not usable:
@@ -255,7 +255,7 @@ def _with_enough_captions(images: list[_Image], skipped: list[Skipped]) -> tuple
     return kept, per_image
 
 
-def _check_images(paths: list[Path], progress: bool) -> tuple[list, list[str | None]]:
+def check_images(paths: list[Path], progress: bool) -> tuple[list, list[str | None]]:
     """Each image decoded once (threads: decoding releases the GIL): (sizes, reasons to skip)."""
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
         results = list(

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from itmatch.data.sources import split_captions
+from itmatch.data.sources import split_captions, split_names
 from itmatch.data.tokenizer import tokenize
 from itmatch.errors import DataError, InputError
 from itmatch.files import atomic_write
@@ -144,6 +144,9 @@ def _official_format_words(path: Path, data: Any) -> list[str]:
 
 
 def build_vocab_for_dir(data_dir: str | Path, threshold: int = 4) -> Vocabulary:
-    """SCAN's vocabulary of the train + dev captions of a precomp folder or raw-image source."""
-    captions = split_captions(data_dir, "train") + split_captions(data_dir, "dev")
+    """SCAN's vocabulary of the train + dev captions of a precomp folder or raw-image source
+    (train alone when there is no dev split)."""
+    captions = split_captions(data_dir, "train")
+    if "dev" in split_names(data_dir) or (Path(data_dir) / "dev_caps.txt").is_file():  # a folder of captions
+        captions += split_captions(data_dir, "dev")
     return Vocabulary.build(captions, threshold)
