@@ -72,8 +72,7 @@ def split_captions(data: str | Path, split: str) -> list[str]:
 def _no_captions(data: str | Path) -> DataError:
     return DataError(
         data,
-        "holds photos without captions (no captions.csv or dataset_*.json): nothing to train or evaluate "
-        f"on; index them for search with `itmatch index CKPT --data {data} --out INDEX`",
+        "holds photos without captions (no captions.csv or dataset_*.json): nothing to train or evaluate on",
     )
 
 
