@@ -1,5 +1,6 @@
 """itmatch checkpoints: one file with the model weights, the full run config and the vocabulary
-(or a pretrained text encoder's configuration and tokenizer files).
+(or a pretrained text encoder's configuration and tokenizer files); a model trained on features
+of `itmatch extract` also records that extraction (`extraction`: itmatch.extract.RECORD_KEYS).
 
 Files hold only tensors, numbers, strings, bytes, lists and dicts, so they load with
 `torch.load(weights_only=True)` (no pickled code runs), and are written atomically: a run killed
@@ -77,13 +78,8 @@ def _check_parts(payload: dict, path: Path) -> None:
             raise CheckpointError(path, f"is damaged: its {name!r} entry is missing or not a {kind.__name__}")
     if not all(isinstance(key, str) and isinstance(value, torch.Tensor) for key, value in payload["model"].items()):
         raise CheckpointError(path, "is damaged: its 'model' entry is not a state dict of tensors")
-    for name, kind in (
-        ("vocab", list),
-        ("state", dict),
-        ("optimizer", dict),
-        ("adversary_optimizer", dict),
-        ("text_encoder_files", dict),
-    ):
+    optional = (("vocab", list), ("state", dict), ("optimizer", dict), ("adversary_optimizer", dict))
+    for name, kind in (*optional, ("text_encoder_files", dict), ("extraction", dict)):
         if payload.get(name) is not None and not isinstance(payload[name], kind):
             raise CheckpointError(path, f"is damaged: its {name!r} entry is not a {kind.__name__}")
 

@@ -179,9 +179,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     index = commands.add_parser("index", help="index a split's images for search (adds the ones not indexed yet)")
     index.add_argument("checkpoint", type=Path)
-    index.add_argument("--data", required=True, type=Path, help="precomp folder")
+    index.add_argument(
+        "--data",
+        required=True,
+        type=Path,
+        help="precomp folder, photos with captions (captions.csv, a .csv, a dataset_*.json) or a folder of photos",
+    )
     index.add_argument("--out", required=True, type=Path, help="index folder (created, or extended)")
-    index.add_argument("--split", default="test")
+    index.add_argument("--split", help="default: test, or the data's only split (a folder of photos: all)")
+    index.add_argument("--weights", type=Path, help=WEIGHTS_HELP)
     index.add_argument("--batch-size", type=positive_int, default=128)
     index.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -189,7 +195,12 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("index", type=Path, help="index folder (see `itmatch index`)")
     query = search.add_mutually_exclusive_group(required=True)
     query.add_argument("text", nargs="?", help="a sentence: the images that match it best")
-    query.add_argument("--image", type=count, metavar="ID", help="an indexed image: the captions that match it best")
+    query.add_argument(
+        "--image",
+        metavar="N|PHOTO",
+        help="an indexed image's number, or a photo file: the indexed captions that match it best",
+    )
+    search.add_argument("--weights", type=Path, help=WEIGHTS_HELP)
     search.add_argument("-k", type=positive_int, default=10, help="number of results")
     search.add_argument("--rerank-k", type=positive_int, metavar="K", help="score only the faiss first stage's top K")
     search.add_argument("--json", action="store_true", help="print the results as JSON")
@@ -207,6 +218,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="also answer requests whose Host header is NAME (e.g. the machine's DNS name behind --host 0.0.0.0)",
     )
     return parser
+
+
+WEIGHTS_HELP = (
+    "for a model trained on `itmatch extract` features: the extraction's backbone weights file, "
+    "when it is no longer where the checkpoint records it"
+)
 
 
 def run_train(args) -> None:
@@ -362,27 +379,44 @@ def run_models(args) -> None:
 def run_index(args) -> None:
     from itmatch.service.index import build_index
 
-    index, added = build_index(args.checkpoint, args.data, args.split, args.out, args.batch_size, not args.quiet)
-    print(f"added {added:,} images of {args.data} {args.split} to {args.out} (now {index.n_images:,} images)")
+    index, added = build_index(
+        args.checkpoint, args.data, args.split, args.out, args.batch_size, not args.quiet, weights=args.weights
+    )
+    split = index.sources[-1]["split"] if index.sources else args.split
+    print(f"added {added:,} images of {args.data} {split} to {args.out} (now {index.n_images:,} images)")
     print(f"search it with: itmatch serve {args.out}   (then open http://127.0.0.1:8000/)")
 
 
 def run_search(args) -> None:
     from itmatch.service.index import SearchIndex
-    from itmatch.service.search import search_by_image, search_by_text
+    from itmatch.service.search import search_by_image, search_by_photo, search_by_text
 
+    image = None if args.image is None else _image_query(args.image)
     index = SearchIndex.open(args.index)
-    if args.image is None:
+    if image is None:
         found = search_by_text(index, args.text, args.k, args.rerank_k)
         title = f'top {len(found["results"])} of {index.n_images:,} images for "{args.text}"'
         lines = [f"{r['rank']:3d}. score {r['score']:.4f}  image {r['image']:5d}  {r['id']}" for r in found["results"]]
     else:
-        found = search_by_image(index, args.image, args.k, args.rerank_k)
-        title = f"top {len(found['results'])} captions for image {args.image} ({found['id']})"
+        if isinstance(image, Path):
+            found, what = search_by_photo(index, image, args.k, args.rerank_k, args.weights), str(image)
+        else:
+            found = search_by_image(index, image, args.k, args.rerank_k)
+            what = f"image {image} ({found['id']})"
+        title = f"top {len(found['results'])} captions for {what}"
         lines = [
             f"{r['rank']:3d}. score {r['score']:.4f}  image {r['image']:5d}  {r['text']}" for r in found["results"]
         ]
     print(json.dumps(found, indent=2) if args.json else "\n".join([title, *lines]))
+
+
+def _image_query(value: str) -> int | Path:
+    """--image: a photo file, else the number of an indexed image."""
+    if Path(value).is_file():
+        return Path(value)
+    if value.isdigit():
+        return int(value)
+    raise InputError(f"--image {value}: neither a photo file nor the number of an indexed image")
 
 
 def run_serve(args) -> None:

@@ -6,8 +6,10 @@ precomp layout that every model reads: `{split}_ims.npy` (images, cells, channel
 Images are squashed to image_size x image_size (as end-to-end evaluation does). Features are
 written batch by batch into a memory map with a progress marker (itmatch.files.ResumableArray), so
 a killed run, started again with the same command, continues where it stopped; `{split}_ims.npy`
-appears last, when the split is complete. OUT/extract.json records the settings: a folder is never
-filled with features of two different extractions.
+appears last, when the split is complete. OUT/extract.json records the settings and the weights
+file: a folder is never filled with features of two different extractions, and a model trained on
+the folder records the extraction in its checkpoint (`recorded_extraction`), so that photos it has
+never seen go through the same network (`rebuild_extractor`) when they are indexed or searched.
 """
 
 from __future__ import annotations
@@ -26,11 +28,13 @@ from itmatch.data.inputs import pixel_reader
 from itmatch.data.precomp import write_split_files
 from itmatch.data.raw import RawImageSplit, RawSource, skip_summary, write_skip_list
 from itmatch.device import default_device
-from itmatch.errors import DataError
+from itmatch.errors import CheckpointError, DataError
 from itmatch.files import ResumableArray, atomic_write, sha256
-from itmatch.models.backbones import BackboneConfig, GridBackbone, build_backbone, load_weights
+from itmatch.models.backbones import RESNET_LAYOUTS, BackboneConfig, GridBackbone, build_backbone, load_weights
 
 SETTINGS_FILE = "extract.json"
+# What a checkpoint records of the extraction that made its training features.
+RECORD_KEYS = ("backbone", "image_size", "weights_sha256", "weights")
 
 
 def extract(
@@ -47,19 +51,16 @@ def extract(
 ) -> dict[str, int]:
     """Extracts every split of `source` (or `splits`) into OUT; returns the images per split."""
     raw, out = RawSource(source), Path(out)
-    network = build_backbone(BackboneConfig(name=backbone, image_size=image_size))
     if weights is None:
         log(f"no --weights: {backbone} is randomly initialised (its features only test the pipeline)")
-    else:
-        load_weights(network, weights)
-    network = network.to(default_device()).eval()
+    network = extractor(backbone, image_size, weights)
     settings = {
         "source": str(raw.file.resolve()),
         "backbone": backbone,
         "image_size": image_size,
         "weights_sha256": None if weights is None else _sha256(Path(weights)),
     }
-    _claim(out, settings)
+    _claim(out, settings, weights)
     counts = {}
     for name in splits or raw.split_names():
         if (out / f"{name}_ims.npy").exists():
@@ -74,16 +75,87 @@ def extract(
     return counts
 
 
-def _claim(out: Path, settings: dict) -> None:
-    """Records the settings in OUT, or checks that OUT was filled with the same ones."""
+def extractor(backbone: str, image_size: int, weights: str | Path | None) -> GridBackbone:
+    """The frozen network of an extraction, on the default device (random without `weights`)."""
+    network = build_backbone(BackboneConfig(name=backbone, image_size=image_size))
+    if weights is not None:
+        load_weights(network, weights)
+    return network.to(default_device()).eval()
+
+
+def _claim(out: Path, settings: dict, weights: str | Path | None) -> None:
+    """Records the settings (and where the weights are) in OUT, or checks that OUT was filled with
+    the same ones (the weights may have moved: their hash is what counts)."""
     path = out / SETTINGS_FILE
     if path.exists():
         earlier = json.loads(path.read_text())
-        if earlier != settings:
-            changed = ", ".join(k for k in settings if earlier.get(k) != settings[k])
+        changed = ", ".join(k for k in settings if earlier.get(k) != settings[k])
+        if changed:
             raise DataError(out, f"holds features extracted with other settings ({changed}); choose another --out")
         return
-    atomic_write(path, lambda file: file.write((json.dumps(settings, indent=2) + "\n").encode()))
+    record = {**settings, "weights": None if weights is None else str(Path(weights).resolve())}
+    atomic_write(path, lambda file: file.write((json.dumps(record, indent=2) + "\n").encode()))
+
+
+def recorded_extraction(folder: str | Path) -> dict | None:
+    """The extraction that made a precomp folder's features (RECORD_KEYS of its extract.json), or
+    None when `itmatch extract` did not make them."""
+    path = Path(folder) / SETTINGS_FILE
+    if not path.is_file():
+        return None
+    try:
+        settings = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise DataError(path, f"is not a readable extraction record ({error})") from None
+    record = {key: settings.get(key) for key in RECORD_KEYS} if isinstance(settings, dict) else None
+    if not _is_record(record):
+        raise DataError(path, f"is not an extraction record: it needs {', '.join(RECORD_KEYS[:3])}")
+    return record
+
+
+def _is_record(record) -> bool:
+    return (
+        isinstance(record, dict)
+        and record.get("backbone") in RESNET_LAYOUTS
+        and isinstance(record.get("image_size"), int)
+        and record["image_size"] > 0
+        and all(isinstance(record.get(key), str | None) for key in ("weights_sha256", "weights"))
+    )
+
+
+def rebuild_extractor(record: dict | None, checkpoint: Path, weights: str | Path | None = None) -> GridBackbone:
+    """The network that extracted the training features of `checkpoint` (whose `record` it is),
+    with its weights from their recorded file or `weights`; refused when it cannot be the same."""
+    if record is None:
+        raise CheckpointError(
+            checkpoint,
+            "reads region features but records no `itmatch extract` run that made them (trained on features "
+            "of another tool or before extractions were recorded): run `itmatch extract` on the photos with "
+            "the backbone it was trained on, and index that folder",
+        )
+    if not _is_record(record):
+        raise CheckpointError(checkpoint, "is damaged: its 'extraction' entry is not an extraction record")
+    backbone = record["backbone"]
+    if record["weights_sha256"] is None:
+        raise CheckpointError(
+            checkpoint,
+            f"was trained on features of a randomly initialised {backbone} (`itmatch extract` without --weights), "
+            "which cannot be made again: train on features extracted with --weights",
+        )
+    weights = weights if weights is not None else record["weights"]
+    if weights is None:
+        raise CheckpointError(checkpoint, f"records the hash of its {backbone} weights, not their file: pass --weights")
+    if not Path(weights).is_file():
+        raise DataError(
+            weights, f"file not found: the {backbone} weights of {checkpoint}'s features; pass the file with --weights"
+        )
+    if _sha256(Path(weights)) != record["weights_sha256"]:
+        raise DataError(
+            weights,
+            f"is not the {backbone} file {checkpoint}'s features were extracted with (its SHA-256 differs); "
+            "pass that file with --weights",
+        )
+    return extractor(backbone, record["image_size"], weights)
 
 
 def _sha256(path: Path) -> str:

@@ -34,6 +34,7 @@ from itmatch.data.vocab import Vocabulary, build_vocab_for_dir
 from itmatch.device import default_device
 from itmatch.errors import CheckpointError, ConfigError, DataError, ItmatchError
 from itmatch.evaluation.runner import evaluate_split
+from itmatch.extract import recorded_extraction
 from itmatch.files import atomic_write, folder_lock, remove_leftover_temps
 from itmatch.losses import TrainingContext
 from itmatch.models.backbones import BackboneConfig, build_backbone, load_weights
@@ -130,6 +131,8 @@ class _Trainer:
         else:  # the adversary's parameters take no part in the main loss, and the reverse
             self.network = DistributedDataParallel(model, find_unused_parameters=self.adversary is not None)
         self.writer = SummaryWriter(str(run_dir / "tensorboard")) if process.main else None
+        # How the features were made, so that new photos can be read the same way (itmatch.extract).
+        self.extraction = recorded_extraction(train_split.data_dir) if isinstance(train_split, PrecompSplit) else None
 
     def load_optimizer_states(self, states: dict) -> None:
         """The optimizers' states saved in last.pt (none for a new run)."""
@@ -266,7 +269,8 @@ class _Trainer:
         extra = {"optimizer": self.optimizer.state_dict()} if with_optimizer else {}
         if with_optimizer and self.adversary is not None:
             extra["adversary_optimizer"] = self.adversary.state_dict()
-        save_checkpoint(self.run_dir / name, self.model, self.config, state=asdict(self.state), **extra)
+        state = asdict(self.state)
+        save_checkpoint(self.run_dir / name, self.model, self.config, state=state, extraction=self.extraction, **extra)
 
 
 def _optimizer(model, config: RunConfig) -> torch.optim.Optimizer:

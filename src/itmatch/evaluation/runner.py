@@ -9,14 +9,14 @@ from torch.utils.data import Subset
 from tqdm.auto import tqdm
 
 from itmatch.data.datasets import CaptionDataset, ImageDataset, make_loader
-from itmatch.data.inputs import readers_for
+from itmatch.data.inputs import Readers, readers_for
 from itmatch.data.precomp import PrecompSplit
 from itmatch.data.raw import RawImageSplit
 from itmatch.errors import InputError
 from itmatch.evaluation.metrics import aggregate_folds, retrieval_metrics
 from itmatch.evaluation.posthoc import PostHoc
 from itmatch.models.base import Encoded, Matcher
-from itmatch.retrieval import check_rerank, embeddings, two_stage_scores
+from itmatch.retrieval import check_rerank, embeddings, encode_queries, two_stage_scores
 from itmatch.scoring import ScoringOptions, score_grid
 
 # "1k": the whole split at once (Flickr30K's 1K test, Flickr8k, synthetic sets);
@@ -36,21 +36,48 @@ def encode_split(
     """Every image and every caption of the split encoded once, in order; with `rows`, only those
     images and their captions."""
     readers = readers_for(model, split)  # a model that cannot read the split fails before any work
-    image_set, caption_set = ImageDataset(split, readers.image), CaptionDataset(split, readers.text)
+    images = encode_images(model, split, batch_size, workers, progress, rows, readers)
+    return images, encode_captions(model, split, batch_size, workers, progress, rows, readers)
+
+
+@torch.no_grad()
+def encode_images(
+    model: Matcher,
+    split: PrecompSplit | RawImageSplit,
+    batch_size: int = 128,
+    workers: int = 0,
+    progress: bool = True,
+    rows: list[int] | None = None,
+    readers: Readers | None = None,
+) -> Encoded:
+    """The split's images (with `rows`, those images) encoded, in order."""
+    image_set = ImageDataset(split, (readers or readers_for(model, split)).image)
+    loader = make_loader(image_set if rows is None else Subset(image_set, rows), batch_size, workers)
+    batches = tqdm(loader, desc="encode images", disable=not progress, leave=False)
+    return Encoded.cat([model.encode_image_batch(batch) for batch in batches])
+
+
+@torch.no_grad()
+def encode_captions(
+    model: Matcher,
+    split: PrecompSplit | RawImageSplit,
+    batch_size: int = 128,
+    workers: int = 0,
+    progress: bool = True,
+    rows: list[int] | None = None,
+    readers: Readers | None = None,
+) -> Encoded:
+    """The split's captions encoded (with `rows`, those of these images); a split without captions
+    (photos alone) gives an empty encoding."""
+    captions = CaptionDataset(split, (readers or readers_for(model, split)).text)
     if rows is not None:
         per_image = split.captions_per_image
-        caption_rows = [row * per_image + j for row in rows for j in range(per_image)]
-        image_set, caption_set = Subset(image_set, rows), Subset(caption_set, caption_rows)
-    loaders = [make_loader(items, batch_size, workers) for items in (image_set, caption_set)]
-    return tuple(
-        Encoded.cat([encode(batch) for batch in tqdm(loader, desc=desc, disable=not progress, leave=False)])
-        for encode, loader, desc in zip(
-            (model.encode_image_batch, model.encode_text_batch),
-            loaders,
-            ("encode images", "encode captions"),
-            strict=True,
-        )
-    )
+        captions = Subset(captions, [row * per_image + j for row in rows for j in range(per_image)])
+    if not len(captions):
+        return encode_queries(model, ["a"]).select(slice(0, 0))
+    loader = make_loader(captions, batch_size, workers)
+    batches = tqdm(loader, desc="encode captions", disable=not progress, leave=False)
+    return Encoded.cat([model.encode_text_batch(batch) for batch in batches])
 
 
 @torch.no_grad()

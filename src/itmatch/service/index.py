@@ -1,5 +1,8 @@
-"""A search index: the images of one or more precomp splits, and their captions, encoded once by
-one model, with faiss first-stage indexes and the pictures the web page shows.
+"""A search index: the images of one or more splits (precomp features, photos with captions, or a
+folder of photos alone), and their captions, encoded once by one model, with faiss first-stage
+indexes and the pictures the web page shows. Photos are read as the model reads them
+(itmatch.photo_reader): by its own backbone, or through the extraction its training features came
+from.
 
 An index folder holds `model.pt` (a copy of the checkpoint), `index.pt` (the encodings, region
 boxes, faiss indexes, captions and where each image came from) and `pictures/{n}.jpg`. `index.pt`
@@ -21,12 +24,16 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from itmatch.checkpoint import load_checkpoint
+from itmatch.checkpoint import model_from_payload, read_checkpoint
 from itmatch.data.precomp import PrecompSplit, read_captions
+from itmatch.data.raw import RawImageSplit
+from itmatch.data.sources import default_split, holds_photos, open_split
+from itmatch.device import default_device
 from itmatch.errors import CheckpointError, DataError, InputError
-from itmatch.evaluation.runner import encode_split
+from itmatch.evaluation.runner import encode_captions, encode_split
 from itmatch.files import LOCK_FILE, atomic_write, folder_lock, remove_leftover_temps, sha256
 from itmatch.models.base import Encoded, Matcher
+from itmatch.photo_reader import PhotoReader
 from itmatch.retrieval import embeddings, encode_queries
 from itmatch.safe_pickle import load_error
 from itmatch.service.render import blank_picture, draw_scene, read_photo, save_picture
@@ -79,6 +86,9 @@ class SearchIndex:
     gallery: Gallery | None  # None only while a new index receives its first images
     # faiss indexes of the model's embeddings, "images" and "captions"; empty for models without.
     first_stage: dict[str, faiss.Index]
+    # How photos become features for a model that reads features: the checkpoint's extraction
+    # record, with the weights file last used (itmatch.extract.RECORD_KEYS); None otherwise.
+    extraction: dict | None = None
 
     @property
     def n_images(self) -> int:
@@ -98,7 +108,7 @@ class SearchIndex:
                 folder / MODEL_FILE,
                 f"is not the checkpoint this index was built with ({INDEX_FILE} records another hash)",
             )
-        model = load_checkpoint(folder / MODEL_FILE, device)
+        model, extraction = _load_model(folder / MODEL_FILE, device)
         try:
             gallery = Gallery(
                 payload["images"],
@@ -111,12 +121,17 @@ class SearchIndex:
             first_stage = {name: _faiss_index(data) for name, data in payload["first_stage"].items()}
         except (KeyError, TypeError, AttributeError, ValueError, RuntimeError) as error:
             raise DataError(path, f"is damaged ({type(error).__name__}: {_first_line(error)})") from None
-        return cls(folder, model, payload["checkpoint_sha256"], payload["sources"], gallery, first_stage)
+        extraction = payload.get("extraction") or extraction
+        return cls(folder, model, payload["checkpoint_sha256"], payload["sources"], gallery, first_stage, extraction)
+
+    def photo_reader(self, weights: str | Path | None = None) -> PhotoReader:
+        """How this index's model reads photos (`weights`: the extraction's weights file, when it moved)."""
+        return PhotoReader(self.model, self.extraction, self.folder / MODEL_FILE, weights)
 
     @classmethod
     def create(cls, folder: Path, checkpoint: Path, checksum: str, device=None) -> SearchIndex:
         """A new, empty index of `checkpoint` in `folder` (the checkpoint is copied into it)."""
-        model = load_checkpoint(checkpoint, device)
+        model, extraction = _load_model(checkpoint, device)
         try:  # searching needs a model that reads text: find out before indexing anything
             with torch.no_grad():
                 encode_queries(model, ["a"])
@@ -128,7 +143,7 @@ class SearchIndex:
         folder.mkdir(parents=True, exist_ok=True)
         with open(checkpoint, "rb") as source:
             atomic_write(folder / MODEL_FILE, lambda file: shutil.copyfileobj(source, file))
-        return cls(folder, model, checksum, [], None, {})
+        return cls(folder, model, checksum, [], None, {}, extraction)
 
     def add(self, source: dict, part: Gallery) -> None:
         """Appends images (and their captions) of `source`; their pictures must be written already."""
@@ -157,6 +172,7 @@ class SearchIndex:
             "first_stage": {
                 name: torch.from_numpy(faiss.serialize_index(index)) for name, index in self.first_stage.items()
             },
+            "extraction": self.extraction,
         }
         atomic_write(self.folder / INDEX_FILE, lambda file: torch.save(payload, file))
 
@@ -164,40 +180,93 @@ class SearchIndex:
 def build_index(
     checkpoint: str | Path,
     data_dir: str | Path,
-    split_name: str,
+    split_name: str | None,
     folder: str | Path,
     batch_size: int = 128,
     progress: bool = True,
     device: torch.device | str | None = None,
+    weights: str | Path | None = None,
 ) -> tuple[SearchIndex, int]:
-    """Adds the images of `data_dir`'s split that `folder`'s index lacks (creating the index);
-    returns the index and the number of images added."""
-    split = PrecompSplit(data_dir, split_name)
+    """Adds the images of `data_dir`'s split (default: test, or the only one) that `folder`'s index
+    lacks (creating the index); returns the index and the number of images added. `weights`: the
+    extraction's weights file, for a model trained on extracted features whose file moved."""
+    split_name = split_name or default_split(data_dir)
+    photos = holds_photos(data_dir)
+    split = open_split(data_dir, split_name, progress=progress, captionless=True) if photos else None
+    split = split or PrecompSplit(data_dir, split_name)
     folder = Path(folder)
     with folder_lock(folder, "index folder"):
         for temps in (folder, folder / PICTURES):
             remove_leftover_temps(temps)
-        return _add_split(split, data_dir, split_name, folder, Path(checkpoint), batch_size, progress, device)
+        index = _open_or_create(folder, Path(checkpoint), device)
+        source = {"data": str(Path(data_dir).resolve()), "split": split_name}
+        if photos:
+            return index, _add_photos(index, split, source, batch_size, progress, weights)
+        return index, _add_features(index, split, source, batch_size, progress)
 
 
-def _add_split(split, data_dir, split_name, folder, checkpoint, batch_size, progress, device):
-    index = _open_or_create(folder, checkpoint, device)
-    if index.gallery is not None and index.gallery.boxes.shape[1] != split.n_regions:
-        raise DataError(
-            split.features_path,
-            f"has {split.n_regions} regions per image, the indexed images {index.gallery.boxes.shape[1]}",
-        )
-    source = {"data": str(Path(data_dir).resolve()), "split": split_name}
+def _new_rows(index: SearchIndex, source: dict, ids: list[str]) -> tuple[int, list[int]]:
+    """The number of `source` in the index, and the rows of the split whose ids it lacks."""
     number = index.sources.index(source) if source in index.sources else len(index.sources)
     known = {image["id"] for image in (index.gallery.images if index.gallery else []) if image["source"] == number}
-    rows = [row for row, image_id in enumerate(_image_ids(split)) if image_id not in known]
+    return number, [row for row, image_id in enumerate(ids) if image_id not in known]
+
+
+def _check_regions(index: SearchIndex, n_regions: int, where: Path) -> None:
+    if index.gallery is not None and index.gallery.boxes.shape[1] != n_regions:
+        raise DataError(where, f"has {n_regions} regions per image, the indexed images {index.gallery.boxes.shape[1]}")
+
+
+def _add_features(index: SearchIndex, split: PrecompSplit, source: dict, batch_size, progress) -> int:
+    _check_regions(index, split.n_regions, split.features_path)
+    number, rows = _new_rows(index, source, _image_ids(split))
     if rows:
         photos, scenes = _photo_paths(split), _scenes(split)  # checked before the long work
         part = _encode_gallery(index.model, split, rows, number, photos, batch_size, progress)
-        _write_pictures(split, rows, part, scenes, index, progress)
+        sizes = split.image_sizes if split.sizes_path.exists() else None
+        _write_pictures(part, index, progress, lambda offset: _fallback_picture(split, rows[offset], scenes, sizes))
         index.add(source, part)
         index.save()
-    return index, len(rows)
+    return len(rows)
+
+
+def _add_photos(index: SearchIndex, split: RawImageSplit, source: dict, batch_size, progress, weights) -> int:
+    """Adds photos (with their captions, if any) read as the index's model reads photos."""
+    reader = index.photo_reader(weights)
+    _check_regions(index, reader.network.n_regions, split.source)
+    number, rows = _new_rows(index, source, split.ids)
+    if rows:
+        try:
+            encoded_images = reader.encode(split, rows, batch_size, progress)
+        except InputError as error:  # the features do not fit the model
+            raise CheckpointError(index.folder / MODEL_FILE, f"cannot read these photos: {error}") from None
+        part = Gallery(
+            images=[
+                {"source": number, "id": split.ids[row], "path": str(split.image_paths[row].resolve())} for row in rows
+            ],
+            captions=_captions_of(split, rows),
+            caption_image=torch.arange(len(rows)).repeat_interleave(split.captions_per_image),
+            boxes=reader.boxes(len(rows)),
+            encoded_images=encoded_images,
+            encoded_texts=encode_captions(index.model, split, batch_size, progress=progress, rows=rows),
+        )
+        _write_pictures(part, index, progress)
+        index.extraction = reader.record or index.extraction
+        index.add(source, part)
+        index.save()
+    return len(rows)
+
+
+def _captions_of(split: PrecompSplit | RawImageSplit, rows: list[int]) -> list[str]:
+    per_image = split.captions_per_image
+    return [split.captions[row * per_image + j] for row in rows for j in range(per_image)]
+
+
+def _load_model(checkpoint: Path, device) -> tuple[Matcher, dict | None]:
+    """The checkpoint's model in eval mode on `device`, and its extraction record."""
+    payload = read_checkpoint(checkpoint)
+    model, _ = model_from_payload(payload, checkpoint)
+    return model.to(device or default_device()).eval(), payload.get("extraction")
 
 
 def _open_or_create(folder: Path, checkpoint: Path, device) -> SearchIndex:
@@ -220,35 +289,31 @@ def _encode_gallery(
         images, texts = encode_split(model, split, batch_size, progress=progress, rows=rows)
     except InputError as error:  # the features do not fit the model: name the file
         raise DataError(split.features_path, f"does not fit the model: {error}") from None
-    per_image, ids = split.captions_per_image, _image_ids(split)
+    ids = _image_ids(split)
     return Gallery(
         images=[
             {"source": source, "id": ids[row], "path": None if photos is None else str(photos[row])} for row in rows
         ],
-        captions=[split.captions[row * per_image + j] for row in rows for j in range(per_image)],
-        caption_image=torch.arange(len(rows)).repeat_interleave(per_image),
+        captions=_captions_of(split, rows),
+        caption_image=torch.arange(len(rows)).repeat_interleave(split.captions_per_image),
         boxes=_normalised_boxes(split, rows),
         encoded_images=images,
         encoded_texts=texts,
     )
 
 
-def _write_pictures(
-    split: PrecompSplit, rows: list[int], part: Gallery, scenes: list[list[dict]] | None, index: SearchIndex, progress
-) -> None:
-    sizes = split.image_sizes if split.sizes_path.exists() else None
+def _write_pictures(part: Gallery, index: SearchIndex, progress, fallback=None) -> None:
+    """Each new image's picture: its photo reduced, else `fallback(its number in part)`."""
     first = index.n_images
-    for offset, (row, image) in enumerate(
-        tqdm(list(zip(rows, part.images, strict=True)), desc="draw pictures", disable=not progress, leave=False)
-    ):
-        width, height = DEFAULT_SIZE if sizes is None else (int(v) for v in sizes[row])
-        if image["path"] is not None:
-            picture = read_photo(Path(image["path"]))
-        elif scenes is not None:
-            picture = _draw_scene(split, row, scenes[row], width, height)
-        else:
-            picture = blank_picture(width, height)
+    for offset, image in enumerate(tqdm(part.images, desc="draw pictures", disable=not progress, leave=False)):
+        picture = read_photo(Path(image["path"])) if image["path"] is not None else fallback(offset)
         save_picture(picture, index.picture_path(first + offset))
+
+
+def _fallback_picture(split: PrecompSplit, row: int, scenes: list[list[dict]] | None, sizes):
+    """A synthetic scene drawn, else a blank canvas of the image's size."""
+    width, height = DEFAULT_SIZE if sizes is None else (int(v) for v in sizes[row])
+    return blank_picture(width, height) if scenes is None else _draw_scene(split, row, scenes[row], width, height)
 
 
 def _draw_scene(split: PrecompSplit, row: int, objects, width: int, height: int):

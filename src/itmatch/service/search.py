@@ -1,5 +1,5 @@
-"""Queries on a search index: images for a sentence, captions for an indexed image, and why an
-image and a sentence match. The results are plain dicts: what `itmatch search --json` prints and
+"""Queries on a search index: images for a sentence, captions for an indexed image or a photo
+file, and why an image and a sentence match. The results are plain dicts: what `itmatch search --json` prints and
 what the web service returns.
 
 Without `rerank_k` the model scores every indexed item; with it, the index's faiss first stage
@@ -8,14 +8,18 @@ picks each query's `rerank_k` best items by embedding and the model scores only 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import torch
 from torch import Tensor
 
+from itmatch.data.photos import open_photos
 from itmatch.data.tokenizer import tokenize
 from itmatch.data.vocab import UNK
 from itmatch.errors import InputError, ItmatchError
 from itmatch.models.abilities import Explains
+from itmatch.models.base import Encoded
 from itmatch.retrieval import embeddings, encode_queries, rerank, search_images, search_texts
 from itmatch.service.index import SearchIndex
 
@@ -53,14 +57,31 @@ def search_by_image(index: SearchIndex, image: int, k: int = 10, rerank_k: int |
     """The k indexed captions that best describe an indexed image."""
     _check_k(k, rerank_k)
     _check_image(index, image)
+    query = index.gallery.encoded_images.select(slice(image, image + 1))
+    results = _best_captions(index, query, k, rerank_k)
+    return {"image": image, "id": index.gallery.images[image]["id"], "k": k, "rerank_k": rerank_k, "results": results}
+
+
+@torch.no_grad()
+def search_by_photo(
+    index: SearchIndex, photo: str | Path, k: int = 10, rerank_k: int | None = None, weights: str | Path | None = None
+) -> dict:
+    """The k indexed captions that best describe a photo file, read as the indexed photos were."""
+    _check_k(k, rerank_k)
+    _check_has_captions(index)
+    query = index.photo_reader(weights).encode(open_photos([Path(photo)]), [0], progress=False)
+    return {"photo": str(photo), "k": k, "rerank_k": rerank_k, "results": _best_captions(index, query, k, rerank_k)}
+
+
+def _best_captions(index: SearchIndex, query: Encoded, k: int, rerank_k: int | None) -> list[dict]:
+    _check_has_captions(index)
     model, gallery = index.model, index.gallery
-    query = gallery.encoded_images.select(slice(image, image + 1))
     if rerank_k is None:
         scores, found = search_texts(model, query, gallery.encoded_texts, k)
     else:
         candidates = _first_stage(index, "captions", embeddings(model, query), rerank_k)
         scores, found = rerank(model, query, gallery.encoded_texts, candidates, k, queries="images")
-    results = [
+    return [
         {
             "rank": rank,
             "caption": caption,
@@ -70,7 +91,15 @@ def search_by_image(index: SearchIndex, image: int, k: int = 10, rerank_k: int |
         }
         for rank, (score, caption) in enumerate(zip(scores[0].tolist(), found[0].tolist(), strict=True), start=1)
     ]
-    return {"image": image, "id": gallery.images[image]["id"], "k": k, "rerank_k": rerank_k, "results": results}
+
+
+def describe_image(index: SearchIndex, image: int) -> dict:
+    """An indexed image's id, its photo's file name (else the id) and the captions written for it."""
+    _check_image(index, image)
+    entry, gallery = index.gallery.images[image], index.gallery
+    own = (gallery.caption_image == image).nonzero().flatten().tolist()
+    name = Path(entry["path"]).name if entry["path"] else entry["id"]
+    return {"image": image, "id": entry["id"], "name": name, "captions": [gallery.captions[c] for c in own]}
 
 
 @torch.no_grad()
@@ -118,6 +147,11 @@ def _first_stage(index: SearchIndex, name: str, vectors: Tensor, rerank_k: int) 
 def _check_k(k: int, rerank_k: int | None) -> None:
     if k < 1 or (rerank_k is not None and rerank_k < 1):
         raise InputError(f"k and rerank_k must be at least 1, got k={k}, rerank_k={rerank_k}")
+
+
+def _check_has_captions(index: SearchIndex) -> None:
+    if not index.gallery.captions:
+        raise NotSupported(f"{index.folder} indexes photos without captions: there are no captions to rank")
 
 
 def _check_image(index: SearchIndex, image: int) -> None:
