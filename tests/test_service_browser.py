@@ -19,6 +19,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -26,7 +27,7 @@ import numpy as np
 import pytest
 from conftest import subprocess_env
 from PIL import Image
-from service_setup import make_checkpoint, make_gallery
+from service_setup import FLICKR8K, flickr_layout, make_checkpoint, make_gallery, make_photo_checkpoint
 
 from itmatch.cli import main
 
@@ -131,6 +132,24 @@ def page_url(tmp_path_factory):
     checkpoint = make_checkpoint(data, "cmcan-official", tmp_path_factory.mktemp("model") / "cmcan.pt")
     folder = tmp_path_factory.mktemp("index") / "index"
     assert main(["index", str(checkpoint), "--data", str(data), "--out", str(folder), "--quiet"]) == 0
+    yield from _serve(folder)
+
+
+@pytest.fixture(scope="module")
+def photo_page_url(tmp_path_factory):
+    """`itmatch serve` on an index of 6 Flickr8k photos with their captions (a model reading pixels)."""
+    if not FLICKR8K.is_dir():
+        pytest.skip(f"{FLICKR8K} is absent (set ITMATCH_SHARED)")
+    names = (FLICKR8K / "splits" / "dev.txt").read_text().split()[:6]
+    photos = flickr_layout(tmp_path_factory.mktemp("photos") / "photos", names, "test")
+    checkpoint = make_photo_checkpoint(photos, "test", tmp_path_factory.mktemp("model") / "vsepp.pt")
+    folder = tmp_path_factory.mktemp("index") / "index"
+    assert main(["index", str(checkpoint), "--data", str(photos), "--out", str(folder), "--quiet"]) == 0
+    yield from _serve(folder)
+
+
+def _serve(folder: Path):
+    """The URL of `itmatch serve FOLDER` in its own process, until the generator is closed."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
@@ -258,3 +277,32 @@ def test_page_search_results_and_confidence_overlay(browser, page_url):
     assert {fill for fill, _ in fills} == {"#1f77b4"} and max(opacity for _, opacity in fills) == 0.6
     browser.screenshot().save(ARTIFACTS / "service-page-word-attention.png")
     assert browser.evaluate("document.getElementById('captions').children.length") == 5
+
+
+def test_page_takes_the_query_from_the_url_and_shows_photos(browser, photo_page_url):
+    """/?q=... searches on load (a search can be shared), the results are the photos, and a chosen
+    photo shows its file name and its own captions; a new search goes into the URL."""
+    browser.send("Page.enable")
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    browser.send("Page.navigate", url=photo_page_url + "?q=" + urllib.parse.quote("a dog in the snow"))
+    loaded = "[...document.querySelectorAll('#results img')].filter(i => i.complete && i.naturalWidth > 0).length"
+    assert browser.wait_for(f"{loaded} === 6 && {loaded}") == 6
+    assert browser.evaluate("document.getElementById('query').value") == "a dog in the snow"
+    # A photo, not a blank canvas: its pixels vary.
+    assert np.asarray(browser.screenshot("#results .result img"), dtype=float).std() > 20
+
+    browser.click("#results .result")
+    name = browser.wait_for("document.getElementById('detail-name').textContent")
+    chosen = browser.evaluate("document.querySelector('#results .result').dataset.image")
+    with urllib.request.urlopen(f"{photo_page_url}api/images/{chosen}", timeout=10) as answer:
+        described = json.load(answer)
+    assert name == described["name"] == described["id"] and name.endswith(".jpg")
+    own = browser.evaluate("[...document.querySelectorAll('#own-captions li')].map(li => li.textContent)")
+    assert own == described["captions"] and len(own) == 5
+    browser.wait_for("document.getElementById('captions').children.length === 5")
+    browser.screenshot().save(ARTIFACTS / "service-page-photos.png")
+
+    browser.evaluate(
+        "document.getElementById('query').value = 'two people'; document.getElementById('search').requestSubmit()"
+    )
+    assert browser.wait_for("location.search") == "?q=two%20people"

@@ -25,7 +25,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from itmatch.errors import ItmatchError
 from itmatch.service.index import SearchIndex
-from itmatch.service.search import can_explain, explain_match, search_by_image, search_by_text
+from itmatch.service.search import can_explain, describe_image, explain_match, search_by_image, search_by_text
 
 MAX_TEXT_LENGTH = 300  # characters of a sentence: captions are far shorter
 MAX_K = 100
@@ -81,6 +81,13 @@ class ImageSearch(BaseModel):
     k: int
     rerank_k: int | None
     results: list[CaptionHit]
+
+
+class ImageInfo(BaseModel):
+    image: int
+    id: str
+    name: str  # the photo's file name (else the id)
+    captions: list[str]  # the captions written for it (none for photos indexed without captions)
 
 
 class Region(BaseModel):
@@ -184,6 +191,11 @@ def create_app(
         """Why an image and a sentence match: each region's confidence, each word's attention."""
         with model_lock:
             return explain_match(index, image, text)
+
+    @app.get("/api/images/{image}", response_model=ImageInfo, responses=ERRORS)
+    def image_info(image: Annotated[int, Path(ge=0, description="image number in the index")]) -> dict:
+        """An indexed image's id, file name and own captions."""
+        return describe_image(index, image)
 
     @app.get("/api/images/{image}/thumbnail", response_class=FileResponse, responses=ERRORS)
     def thumbnail(image: Annotated[int, Path(ge=0, description="image number in the index")]) -> FileResponse:
