@@ -273,6 +273,19 @@ def test_explain_endpoint(client, cmcan_index):
     assert answer.status_code == 200 and answer.json() == explain_match(cmcan_index, 2, QUERY)
 
 
+def test_an_image_is_described_by_its_id_and_own_captions(client, cmcan_index, data):
+    described = client.get("/api/images/3").json()
+    captions = (data / "test_caps.txt").read_text().splitlines()[15:20]
+    assert described == {
+        "image": 3,
+        "id": cmcan_index.gallery.images[3]["id"],
+        "name": described["id"],
+        "captions": captions,
+    }
+    answer = client.get("/api/images/24")
+    assert answer.status_code == 400 and answer.json() == {"error": "no image 24 in the index: it has 24 images, 0..23"}
+
+
 def test_thumbnails_are_the_index_pictures(client, cmcan_index):
     answer = client.get("/api/images/23/thumbnail")
     assert answer.status_code == 200 and answer.headers["content-type"] == "image/jpeg"
@@ -337,6 +350,7 @@ def test_openapi_schema_documents_every_endpoint(client):
         "/api/search/text",
         "/api/search/image",
         "/api/explain",
+        "/api/images/{image}",
         "/api/images/{image}/thumbnail",
     }
     text_search = schema["paths"]["/api/search/text"]["get"]

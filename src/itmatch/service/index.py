@@ -192,8 +192,11 @@ def build_index(
     extraction's weights file, for a model trained on extracted features whose file moved."""
     split_name = split_name or default_split(data_dir)
     photos = holds_photos(data_dir)
-    split = open_split(data_dir, split_name, progress=progress, captionless=True) if photos else None
-    split = split or PrecompSplit(data_dir, split_name)
+    split = (
+        open_split(data_dir, split_name, progress=progress, captionless=True)
+        if photos
+        else PrecompSplit(data_dir, split_name)
+    )
     folder = Path(folder)
     with folder_lock(folder, "index folder"):
         for temps in (folder, folder / PICTURES):
