@@ -80,8 +80,13 @@ def readers_for(model, split, augment=None) -> Readers:
         image = {"pixels": pixel_reader(split, model.backbone.config.image_size, augment)}
     else:
         image = _readers(_IMAGE_PROVIDERS, "image", inputs.image, inputs, split)
-    text = _readers(_TEXT_PROVIDERS, "text", inputs.text, inputs, split, model.tokenizer)
-    return Readers(image, text)
+    return Readers(image, text_readers(model, split))
+
+
+def text_readers(model, split) -> dict[str, Reader]:
+    """The readers of the text inputs `model` declares, on `split`'s captions."""
+    inputs = model.inputs()
+    return _readers(_TEXT_PROVIDERS, "text", inputs.text, inputs, split, model.tokenizer)
 
 
 def pixel_reader(split, image_size: int, augment=None) -> Reader:

@@ -9,7 +9,7 @@ from torch.utils.data import Subset
 from tqdm.auto import tqdm
 
 from itmatch.data.datasets import CaptionDataset, ImageDataset, make_loader
-from itmatch.data.inputs import Readers, readers_for
+from itmatch.data.inputs import Readers, readers_for, text_readers
 from itmatch.data.precomp import PrecompSplit
 from itmatch.data.raw import RawImageSplit
 from itmatch.errors import InputError
@@ -69,7 +69,7 @@ def encode_captions(
 ) -> Encoded:
     """The split's captions encoded (with `rows`, those of these images); a split without captions
     (photos alone) gives an empty encoding."""
-    captions = CaptionDataset(split, (readers or readers_for(model, split)).text)
+    captions = CaptionDataset(split, readers.text if readers else text_readers(model, split))
     if rows is not None:
         per_image = split.captions_per_image
         captions = Subset(captions, [row * per_image + j for row in rows for j in range(per_image)])
