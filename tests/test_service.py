@@ -15,11 +15,11 @@ from service_setup import make_checkpoint, make_gallery
 
 import itmatch.service.index as index_module
 from itmatch.cli import main
+from itmatch.data.scene_pictures import COLOUR_RGB
 from itmatch.data.tokenizer import tokenize
 from itmatch.scoring import score_grid, score_pairs
 from itmatch.service.app import MAX_K, MAX_RERANK_K, MAX_TEXT_LENGTH, create_app
 from itmatch.service.index import SearchIndex
-from itmatch.service.render import COLOUR_RGB
 from itmatch.service.search import explain_match, search_by_image, search_by_text
 
 QUERY = "a red horse to the left of a blue car"

@@ -13,7 +13,6 @@ are not in the index yet (an image is known by its data folder, split and id).
 
 from __future__ import annotations
 
-import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +24,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from itmatch.checkpoint import model_from_payload, read_checkpoint
+from itmatch.data.pictures import picture_reader
 from itmatch.data.precomp import PrecompSplit, read_captions
 from itmatch.data.raw import RawImageSplit
 from itmatch.data.sources import default_split, holds_photos, open_split
@@ -36,20 +36,18 @@ from itmatch.models.base import Encoded, Matcher
 from itmatch.photo_reader import PhotoReader
 from itmatch.retrieval import embeddings, encode_queries
 from itmatch.safe_pickle import load_error
-from itmatch.service.render import blank_picture, draw_scene, read_photo, save_picture
+from itmatch.service.render import blank_picture, picture_size, read_photo, save_picture
 
 FORMAT = "itmatch-index"
 VERSION = 1
 INDEX_FILE = "index.pt"
 MODEL_FILE = "model.pt"
 PICTURES = "pictures"
-# Optional files beside a split: one photo path per image (relative to the data folder, or
-# absolute), and the synthetic generator's scene descriptions.
+# Optional file beside a split: one photo path per image (relative to the data folder, or absolute).
 PHOTO_PATHS = "{split}_paths.txt"
-SCENES = "{split}_scenes.jsonl"
 INDEX_KEYS = ("checkpoint_sha256", "sources", "images", "captions", "caption_image", "boxes")
 INDEX_KEYS += ("encoded_images", "encoded_texts", "first_stage")
-# Synthetic scenes without a sizes file are drawn at this (w, h).
+# Images without a sizes file are drawn at this (w, h).
 DEFAULT_SIZE = (640, 480)
 
 
@@ -224,10 +222,10 @@ def _add_features(index: SearchIndex, split: PrecompSplit, source: dict, batch_s
     _check_regions(index, split.n_regions, split.features_path)
     number, rows = _new_rows(index, source, _image_ids(split))
     if rows:
-        photos, scenes = _photo_paths(split), _scenes(split)  # checked before the long work
+        photos, pictures = _photo_paths(split), picture_reader(split)  # checked before the long work
         part = _encode_gallery(index.model, split, rows, number, photos, batch_size, progress)
         sizes = split.image_sizes if split.sizes_path.exists() else None
-        _write_pictures(part, index, progress, lambda offset: _fallback_picture(split, rows[offset], scenes, sizes))
+        _write_pictures(part, index, progress, lambda offset: _fallback_picture(rows[offset], pictures, sizes))
         index.add(source, part)
         index.save()
     return len(rows)
@@ -313,20 +311,10 @@ def _write_pictures(part: Gallery, index: SearchIndex, progress, fallback=None) 
         save_picture(picture, index.picture_path(first + offset))
 
 
-def _fallback_picture(split: PrecompSplit, row: int, scenes: list[list[dict]] | None, sizes):
-    """A synthetic scene drawn, else a blank canvas of the image's size."""
+def _fallback_picture(row: int, pictures, sizes):
+    """The data folder's own picture of an image (a drawn scene), else a blank canvas of its size."""
     width, height = DEFAULT_SIZE if sizes is None else (int(v) for v in sizes[row])
-    return blank_picture(width, height) if scenes is None else _draw_scene(split, row, scenes[row], width, height)
-
-
-def _draw_scene(split: PrecompSplit, row: int, objects, width: int, height: int):
-    try:
-        return draw_scene(objects, width, height)
-    except (KeyError, TypeError, ValueError) as error:
-        path = split.data_dir / SCENES.format(split=split.split)
-        raise DataError(
-            path, f"line {row + 1}: not a scene of objects with box, colour and category ({error!r})"
-        ) from None
+    return blank_picture(width, height) if pictures is None else pictures(row, picture_size(width, height))
 
 
 def _image_ids(split: PrecompSplit) -> list[str]:
@@ -341,19 +329,6 @@ def _photo_paths(split: PrecompSplit) -> list[Path] | None:
     if len(lines) != split.n_images:
         raise DataError(path, f"has {len(lines):,} paths for {split.n_images:,} images in {split.features_path.name}")
     return [split.data_dir.resolve() / line for line in lines]  # an absolute line stays as it is
-
-
-def _scenes(split: PrecompSplit) -> list[list[dict]] | None:
-    path = split.data_dir / SCENES.format(split=split.split)
-    if not path.exists():
-        return None
-    try:
-        scenes = [json.loads(line)["objects"] for line in read_captions(path)]
-    except (json.JSONDecodeError, KeyError, TypeError) as error:
-        raise DataError(path, f"is not a scene description file ({type(error).__name__}: {error})") from None
-    if len(scenes) != split.n_images:
-        raise DataError(path, f"has {len(scenes):,} scenes for {split.n_images:,} images")
-    return scenes
 
 
 def _normalised_boxes(split: PrecompSplit, rows: list[int]) -> Tensor:
