@@ -67,6 +67,13 @@ class OneLineParser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="itmatch", description="Image-text matching: train, evaluate, convert.")
     commands = parser.add_subparsers(dest="command", required=True)
+    for add in (_add_model_commands, _add_evaluate_command, _add_data_commands, _add_search_commands):
+        add(commands)
+    return parser
+
+
+def _add_model_commands(commands) -> None:
+    """The subcommands train, convert and build-vocab."""
 
     train = commands.add_parser("train", help="train a preset on a precomp folder or raw images")
     train.add_argument("--model", required=True, help="preset name (see `itmatch models`)")
@@ -84,6 +91,22 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", action="store_true", help="continue the run in --out from its last.pt")
     train.add_argument("--quiet", action="store_true", help="no progress bars")
 
+    convert = commands.add_parser("convert", help="convert an official checkpoint to itmatch")
+    convert.add_argument("source", choices=sorted(official_sources()))
+    convert.add_argument("checkpoint", type=Path)
+    convert.add_argument("out", type=Path)
+    convert.add_argument("--vocab", type=Path, help="the vocabulary JSON (word2idx, idx2word) it was trained with")
+
+    vocab = commands.add_parser(
+        "build-vocab", help="the word vocabulary of a precomp folder (train + dev words seen 4 times)"
+    )
+    vocab.add_argument("data", type=Path)
+    vocab.add_argument("--threshold", type=positive_int, default=4, help="minimum word count")
+    vocab.add_argument("--out", type=Path, help="default: DATA/vocab.json")
+
+
+def _add_evaluate_command(commands) -> None:
+    """The evaluate subcommand: protocols, ensembles, post-hoc stages, two-stage scoring."""
     evaluate = commands.add_parser("evaluate", help="bidirectional retrieval metrics of checkpoints")
     evaluate.add_argument("checkpoints", type=Path, nargs="+", help="several: an ensemble (scores averaged)")
     evaluate.add_argument("--data", required=True, type=Path)
@@ -130,19 +153,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--memory-budget", type=memory_size, help="working memory of pair scoring, e.g. 2G")
     evaluate.add_argument("--quiet", action="store_true")
 
-    convert = commands.add_parser("convert", help="convert an official checkpoint to itmatch")
-    convert.add_argument("source", choices=sorted(official_sources()))
-    convert.add_argument("checkpoint", type=Path)
-    convert.add_argument("out", type=Path)
-    convert.add_argument("--vocab", type=Path, help="the vocabulary JSON (word2idx, idx2word) it was trained with")
 
-    vocab = commands.add_parser(
-        "build-vocab", help="the word vocabulary of a precomp folder (train + dev words seen 4 times)"
-    )
-    vocab.add_argument("data", type=Path)
-    vocab.add_argument("--threshold", type=positive_int, default=4, help="minimum word count")
-    vocab.add_argument("--out", type=Path, help="default: DATA/vocab.json")
-
+def _add_data_commands(commands) -> None:
+    """The subcommands make-synthetic, extract, import-butd and models."""
     synthetic = commands.add_parser("make-synthetic", help="write a synthetic scene data set (precomp layout)")
     synthetic.add_argument("out", type=Path)
     synthetic.add_argument("--train", type=count, default=2000)
@@ -177,6 +190,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     commands.add_parser("models", help="list the presets")
 
+
+def _add_search_commands(commands) -> None:
+    """The subcommands index, search and serve."""
     index = commands.add_parser("index", help="index a split's images for search (adds the ones not indexed yet)")
     index.add_argument("checkpoint", type=Path)
     index.add_argument(
@@ -217,7 +233,6 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="NAME",
         help="also answer requests whose Host header is NAME (e.g. the machine's DNS name behind --host 0.0.0.0)",
     )
-    return parser
 
 
 WEIGHTS_HELP = (
