@@ -52,9 +52,8 @@ def encode_images(
 ) -> Encoded:
     """The split's images (with `rows`, those images) encoded, in order."""
     image_set = ImageDataset(split, (readers or readers_for(model, split)).image)
-    loader = make_loader(image_set if rows is None else Subset(image_set, rows), batch_size, workers)
-    batches = tqdm(loader, desc="encode images", disable=not progress, leave=False)
-    return Encoded.cat([model.encode_image_batch(batch) for batch in batches])
+    image_set = image_set if rows is None else Subset(image_set, rows)
+    return _encode_all(model.encode_image_batch, image_set, batch_size, workers, progress, "encode images")
 
 
 @torch.no_grad()
@@ -75,9 +74,13 @@ def encode_captions(
         captions = Subset(captions, [row * per_image + j for row in rows for j in range(per_image)])
     if not len(captions):
         return encode_queries(model, ["a"]).select(slice(0, 0))
-    loader = make_loader(captions, batch_size, workers)
-    batches = tqdm(loader, desc="encode captions", disable=not progress, leave=False)
-    return Encoded.cat([model.encode_text_batch(batch) for batch in batches])
+    return _encode_all(model.encode_text_batch, captions, batch_size, workers, progress, "encode captions")
+
+
+def _encode_all(encode, items, batch_size: int, workers: int, progress: bool, desc: str) -> Encoded:
+    """`encode` of every batch of `items`, concatenated in order."""
+    batches = tqdm(make_loader(items, batch_size, workers), desc=desc, disable=not progress, leave=False)
+    return Encoded.cat([encode(batch) for batch in batches])
 
 
 @torch.no_grad()
