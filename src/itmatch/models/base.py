@@ -131,10 +131,13 @@ class Matcher(nn.Module):
         return self.tokenizer.encode_batch(captions)
 
     def parameter_groups(self) -> list[dict]:
-        """The optimizer's parameter groups, each with the multiplier `lr_scale` of the learning
-        rate: a pretrained text encoder's weights learn at `text.pretrained_lr_scale` of it."""
+        """The optimizer's parameter groups (the adversary's parameters left to the second one),
+        each with the multiplier `lr_scale` of the learning rate: a pretrained text encoder's
+        weights learn at `text.pretrained_lr_scale` of it."""
         pretrained = {id(p) for p in self.text_encoder.pretrained_parameters()}
-        groups = [{"params": [p for p in self.parameters() if id(p) not in pretrained], "lr_scale": 1.0}]
+        adversary = {id(p) for p in self.adversary_parameters()}  # the second optimizer's
+        own = [p for p in self.parameters() if id(p) not in adversary]
+        groups = [{"params": [p for p in own if id(p) not in pretrained], "lr_scale": 1.0}]
         if pretrained:
             params = [p for p in self.parameters() if id(p) in pretrained]
             groups.append({"params": params, "lr_scale": self.config.text.pretrained_lr_scale})
