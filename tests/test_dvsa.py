@@ -100,13 +100,21 @@ N_TEST = 50
 @pytest.fixture(scope="module")
 def scenes(tmp_path_factory) -> Path:
     spec = SyntheticSpec(n_regions=8, feature_dim=32, regions_per_object=(1, 2))
-    return make_synthetic(tmp_path_factory.mktemp("scenes"), {"train": 300, "dev": 30, "test": N_TEST}, seed=5, spec=spec)
+    return make_synthetic(
+        tmp_path_factory.mktemp("scenes"), {"train": 300, "dev": 30, "test": N_TEST}, seed=5, spec=spec
+    )
 
 
 def test_short_training_beats_chance_by_a_wide_margin(scenes, tmp_path):
     settings = {
         "model": {"embed_size": 64, "text": {"word_dim": 32}},
-        "train": {"epochs": 4, "batch_size": 32, "learning_rate": 2e-3, "checkpoint_every": 0, "dev_max_captions": None},
+        "train": {
+            "epochs": 4,
+            "batch_size": 32,
+            "learning_rate": 2e-3,
+            "checkpoint_every": 0,
+            "dev_max_captions": None,
+        },
         "loss": {"exclude_same_image": True},
     }
     torch.manual_seed(0)
