@@ -10,6 +10,7 @@ import re
 import sys
 from pathlib import Path
 
+from itmatch.distributed import leave_process_group, rank
 from itmatch.errors import InputError, ItmatchError
 from itmatch.evaluation.posthoc import FUSIONS, PostHoc
 from itmatch.files import atomic_write
@@ -259,14 +260,18 @@ def run_train(args) -> None:
         overrides=overrides,
         progress=not args.quiet,
     )
-    print(f"best dev rSum {state.best_rsum:.1f} at epoch {state.best_epoch}; checkpoints in {args.out}")
+    if rank() == 0:
+        print(f"best dev rSum {state.best_rsum:.1f} at epoch {state.best_epoch}; checkpoints in {args.out}")
 
 
 def run_evaluate(args) -> None:
     from itmatch.checkpoint import load_checkpoint
     from itmatch.data.sources import open_split
+    from itmatch.distributed import join_process_group
     from itmatch.evaluation.metrics import format_results
 
+    process = join_process_group()  # under torchrun, every process scores a share of the pairs
+    args.quiet = args.quiet or not process.main
     if args.json is not None and args.json.is_dir():
         raise ItmatchError(f"--json {args.json}: is a folder; name the file to write")
     posthoc = PostHoc(args.fuse, args.inverted_softmax, args.csls, args.reciprocal)
@@ -289,6 +294,10 @@ def run_evaluate(args) -> None:
         share = f"top {args.rerank_k}" if args.candidates == "top-k" else f"{args.rerank_k} per query by margin"
         name += f" ({share} of {first_stage.run_config.preset if first_stage else 'its embeddings'})"
     sizes = f"{result['n_images']} images, {result['n_captions']} captions, {result['pairs_scored']:,} pairs scored"
+    if not process.main:
+        return
+    if process.world_size > 1:
+        sizes += f" by {process.world_size} processes"
     print(format_results({name: result}, title=f"{args.data} {args.split} ({args.protocol}: {sizes})"))
     if args.json:
         text = (json.dumps(result, indent=2) + "\n").encode()
@@ -296,10 +305,13 @@ def run_evaluate(args) -> None:
 
 
 def _evaluate(args, models, split, first_stage) -> dict:
+    from itmatch.distributed import world_size
     from itmatch.evaluation.runner import evaluate_split
     from itmatch.scoring import ScoringOptions
 
-    scoring = ScoringOptions(args.memory_budget, args.precision, args.compile, progress=not args.quiet)
+    scoring = ScoringOptions(
+        args.memory_budget, args.precision, args.compile, progress=not args.quiet, across_processes=world_size() > 1
+    )
     return evaluate_split(
         models,
         split,
@@ -459,6 +471,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         COMMANDS[args.command](args)
+        leave_process_group()  # under torchrun (train, evaluate): wait for the others
     except ItmatchError as error:
         print(f"itmatch {args.command}: error: {error}", file=sys.stderr)
         return 2

@@ -95,6 +95,9 @@ class TrainConfig:
     captions_per_image: int = 1
     # Learning rate of a model's adversary (its second optimizer), as a multiple of learning_rate.
     adversary_lr_scale: float = 1.0
+    # Under torchrun: in-batch losses (hardest negatives, sums, CMPM...) see the global batch of
+    # all processes instead of each process's own share (see itmatch.losses).
+    global_negatives: bool = False
 
     def __post_init__(self) -> None:
         # A triplet loss needs a negative in the batch, so 2 captions at least.

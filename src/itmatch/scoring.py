@@ -9,6 +9,10 @@ thread loose parameters through their signatures.
 - `score_grid`: every image with every caption, tiled so that working memory stays within a
   budget (texts sorted by length share tiles with texts of about their length: little padding).
 - `score_pairs`: a list of (image, caption) pairs, in chunks of the same budget.
+
+Under torchrun, `ScoringOptions(across_processes=True)` splits the captions (or the pairs) into
+one contiguous share per process and gathers the scores, so that every process returns the whole
+result having scored 1/N of it.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from itmatch.distributed import gather_shards, shard, world_size
 from itmatch.errors import InputError
 from itmatch.models.base import Encoded, Matcher
 from itmatch.models.layers import parameter_signature
@@ -48,13 +53,16 @@ class ScoringOptions:
     memory_budget: bytes of working memory per tile (None: the device's default);
     precision: "fp32", "bf16" or "fp16" (scores are always returned in float32);
     compile: run the pair scorer through torch.compile (fused kernels; compiling costs tens of
-    seconds once, so it pays on large evaluations); progress: a progress bar over tiles.
+    seconds once, so it pays on large evaluations); progress: a progress bar over tiles;
+    across_processes: every process of a torchrun job scores a share and receives the whole
+    (each must call with the same arguments).
     """
 
     memory_budget: int | None = None
     precision: str = "fp32"
     compile: bool = False
     progress: bool = False
+    across_processes: bool = False
 
     def __post_init__(self) -> None:
         precision_dtype(self.precision)  # validates
@@ -71,6 +79,12 @@ DEFAULT = ScoringOptions()
 
 def score_grid(model: Matcher, images: Encoded, texts: Encoded, options: ScoringOptions = DEFAULT) -> Tensor:
     """Scores of every image with every text: (n_images, n_texts), float32."""
+    if options.across_processes and world_size() > 1:
+        return gather_shards(_score_grid(model, images, texts.select(shard(len(texts))), options), dim=1)
+    return _score_grid(model, images, texts, options)
+
+
+def _score_grid(model: Matcher, images: Encoded, texts: Encoded, options: ScoringOptions) -> Tensor:
     if model.scores_by_dot_product:
         key, dtype = model.embedding_key, options.dtype
         return (images[key].to(dtype=dtype) @ texts[key].to(dtype=dtype).T).float()
@@ -101,6 +115,13 @@ def score_pairs(
     options: ScoringOptions = DEFAULT,
 ) -> Tensor:
     """Scores of the pairs (images[image_index[p]], texts[text_index[p]]): (n_pairs,), float32."""
+    if options.across_processes and world_size() > 1:
+        share = shard(len(image_index))
+        return gather_shards(_score_pairs(model, images, texts, image_index[share], text_index[share], options))
+    return _score_pairs(model, images, texts, image_index, text_index, options)
+
+
+def _score_pairs(model, images, texts, image_index: Tensor, text_index: Tensor, options: ScoringOptions) -> Tensor:
     image_index, text_index = image_index.to(model.device), text_index.to(model.device)
     dtype = options.dtype
     if model.scores_by_dot_product:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -31,7 +30,7 @@ from itmatch.data.precomp import PrecompSplit
 from itmatch.data.raw import RawImageSplit, skip_summary, write_skip_list
 from itmatch.data.sources import check_image_input, open_split, split_names
 from itmatch.data.vocab import Vocabulary, build_vocab_for_dir
-from itmatch.device import default_device
+from itmatch.distributed import Process, join_process_group
 from itmatch.errors import CheckpointError, ConfigError, DataError, ItmatchError
 from itmatch.evaluation.runner import evaluate_split
 from itmatch.extract import recorded_extraction
@@ -39,6 +38,7 @@ from itmatch.files import atomic_write, folder_lock, remove_leftover_temps
 from itmatch.losses import TrainingContext
 from itmatch.models.backbones import BackboneConfig, build_backbone, load_weights
 from itmatch.models.registry import architecture_class, build_model
+from itmatch.scoring import ScoringOptions
 
 
 @dataclass
@@ -49,19 +49,6 @@ class TrainState:
     best_rsum: float = -1.0
     best_epoch: int = -1
     history: list[dict] = field(default_factory=list)
-
-
-@dataclass
-class Process:
-    """This process's place in a torchrun job (rank 0 of 1 when run alone)."""
-
-    rank: int = 0
-    world_size: int = 1
-    device: torch.device = field(default_factory=default_device)
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
 
 
 def train(
@@ -79,7 +66,7 @@ def train(
     With `resume`, the run in RUN_DIR continues from its last.pt; `overrides` (e.g. more epochs)
     are applied to its saved config.
     """
-    process = _join_process_group()
+    process = join_process_group()
     run_dir, data_dir = Path(run_dir), Path(data_dir)
     # One run per folder at a time: the main process holds the folder's lock until it ends.
     with folder_lock(run_dir, "run folder") if process.main else contextlib.nullcontext():
@@ -184,7 +171,8 @@ class _Trainer:
         for optimizer, scale in ((self.optimizer, 1.0), (self.adversary, train.adversary_lr_scale)):
             for group in optimizer.param_groups if optimizer else ():
                 group["lr"] = lr * scale * group.get("lr_scale", 1.0)  # states saved before lr_scale have none
-        context = TrainingContext(self.config.loss, epoch)
+        global_batch = train.global_negatives and self.process.world_size > 1
+        context = TrainingContext(self.config.loss, epoch, global_batch)
         loader = make_loader(self.dataset, 1, train.workers, batch_sampler=self._epoch_batches(epoch))
         self.model.train()
         totals, count = {}, 0
@@ -238,17 +226,11 @@ class _Trainer:
             "lr": self._learning_rate(state.epoch - 1),
             "seconds": round(seconds, 1),
         }
+        if self.dev_split is not None:
+            record |= self._dev_metrics()
         if self.process.main:
-            if self.dev_split is not None:
-                train = self.config.train
-                metrics = evaluate_split(
-                    self.model, self.dev_split, batch_size=train.eval_batch_size, workers=train.workers, progress=False
-                )
-                record.update(
-                    dev_rsum=metrics["rsum"], dev_i2t_r1=metrics["i2t"]["r1"], dev_t2i_r1=metrics["t2i"]["r1"]
-                )
-                for key in ("dev_rsum", "dev_i2t_r1", "dev_t2i_r1"):
-                    self.writer.add_scalar(key.replace("_", "/", 1), record[key], state.epoch)
+            for key in ("dev_rsum", "dev_i2t_r1", "dev_t2i_r1") if self.dev_split is not None else ():
+                self.writer.add_scalar(key.replace("_", "/", 1), record[key], state.epoch)
             state.history.append(record)
             rsum = record.get("dev_rsum", float(state.epoch))  # no dev split: the latest is best
             improved = rsum > state.best_rsum
@@ -262,6 +244,19 @@ class _Trainer:
             self.log(_epoch_line(record, improved))
         if self.process.world_size > 1:
             dist.barrier()
+
+    def _dev_metrics(self) -> dict[str, float]:
+        """Dev recalls, every process scoring a share of the pairs (each encodes the whole split)."""
+        train = self.config.train
+        metrics = evaluate_split(
+            self.model,
+            self.dev_split,
+            batch_size=train.eval_batch_size,
+            workers=train.workers,
+            progress=False,
+            scoring=ScoringOptions(across_processes=True),
+        )
+        return {"dev_rsum": metrics["rsum"], "dev_i2t_r1": metrics["i2t"]["r1"], "dev_t2i_r1": metrics["t2i"]["r1"]}
 
     def _save(self, name: str, with_optimizer: bool = True) -> None:
         if not self.process.main:
@@ -317,19 +312,6 @@ def _epoch_line(record: dict, improved: bool) -> str:
         recalls = f"i2t R@1 {record['dev_i2t_r1']:.1f}, t2i R@1 {record['dev_t2i_r1']:.1f}"
         line += f", dev rSum {record['dev_rsum']:.1f} ({recalls})"
     return line + (" *best" if improved else "")
-
-
-def _join_process_group() -> Process:
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size == 1:
-        return Process()
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    rank, local_rank = dist.get_rank(), int(os.environ.get("LOCAL_RANK", "0"))
-    device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    return Process(rank, world_size, device)
 
 
 def _dev_split(data_dir: Path, config: RunConfig, progress: bool, log) -> PrecompSplit | RawImageSplit | None:

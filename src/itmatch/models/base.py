@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from itmatch.data.inputs import Inputs, derived_image_inputs
+from itmatch.distributed import pad_axis
 from itmatch.errors import InputError
 
 if TYPE_CHECKING:
@@ -66,15 +67,9 @@ class Encoded:
             values = [p.tensors[key] for p in parts]
             if key in padded:
                 length = max(v.shape[1] for v in values)
-                values = [nn.functional.pad(v, _pad_spec(v, length)) for v in values]
+                values = [pad_axis(v, 1, length) for v in values]
             out[key] = torch.cat(values)
         return Encoded(out, padded)
-
-
-def _pad_spec(value: Tensor, length: int) -> tuple[int, ...]:
-    # F.pad lists (left, right) pairs from the last axis backwards; only axis 1 grows.
-    spec = [0, 0] * (value.dim() - 2) + [0, length - value.shape[1]]
-    return tuple(spec)
 
 
 def word_mask(lengths: Tensor, max_length: int) -> Tensor:
@@ -171,11 +166,11 @@ class Matcher(nn.Module):
 
     def training_losses(self, batch: Mapping[str, Tensor], context: TrainingContext) -> dict[str, Tensor]:
         """The training objective of a batch as named terms (the trainer weights, sums and logs
-        them): the bidirectional triplet ranking loss on the batch's score matrix by default."""
-        from itmatch.losses import triplet_term
-        from itmatch.scoring import score_grid
+        them): the bidirectional triplet ranking loss on the batch's score matrix by default (of
+        the global batch under global negatives: see `itmatch.losses`)."""
+        from itmatch.losses import batch_scores, triplet_term
 
-        scores = score_grid(self, self.encode_image_batch(batch), self.encode_text_batch(batch))
+        scores = batch_scores(self, self.encode_image_batch(batch), self.encode_text_batch(batch), context)
         return {"triplet": triplet_term(scores, batch, context)}
 
     def adversary_parameters(self) -> list[nn.Parameter]:
