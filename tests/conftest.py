@@ -8,6 +8,10 @@ import torch
 # ../shared beside the project root (CI has it there too); ITMATCH_SHARED overrides.
 SHARED = Path(os.environ.get("ITMATCH_SHARED", Path(__file__).resolve().parents[1].parent / "shared"))
 
+# precision="auto" picks bf16 on some CPUs and fp32 on others: the suite pins it to fp32 so that its
+# results do not depend on the machine (test_precision.py tests "auto" itself).
+os.environ.setdefault("ITMATCH_PRECISION", "fp32")
+
 # Two cores here: keep test timings stable and comparable with the official measurements.
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 

@@ -135,7 +135,12 @@ def _add_evaluate_command(commands) -> None:
         choices=FUSIONS,
         help="of several checkpoints: average the scores, or weigh each per query (adaptive metric fusion)",
     )
-    evaluate.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"], help="of pair scoring")
+    evaluate.add_argument(
+        "--precision",
+        default="auto",
+        choices=["auto", "fp32", "bf16", "fp16"],
+        help="of pair scoring (auto: the fastest this machine runs well, measured once and cached)",
+    )
     evaluate.add_argument(
         "--compile", action="store_true", help="torch.compile the pair scorer: fused kernels, once tens of seconds"
     )
@@ -294,6 +299,7 @@ def run_evaluate(args) -> None:
         share = f"top {args.rerank_k}" if args.candidates == "top-k" else f"{args.rerank_k} per query by margin"
         name += f" ({share} of {first_stage.run_config.preset if first_stage else 'its embeddings'})"
     sizes = f"{result['n_images']} images, {result['n_captions']} captions, {result['pairs_scored']:,} pairs scored"
+    sizes += f" in {result['precision']}"
     if not process.main:
         return
     if process.world_size > 1:

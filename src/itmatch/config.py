@@ -98,6 +98,9 @@ class TrainConfig:
     # Under torchrun: in-batch losses (hardest negatives, sums, CMPM...) see the global batch of
     # all processes instead of each process's own share (see itmatch.losses).
     global_negatives: bool = False
+    # Forward passes under autocast in bf16, or "auto": bf16 where this machine's calibration
+    # finds it clearly faster (itmatch.precision); the papers trained in fp32, the default.
+    precision: Literal["fp32", "bf16", "auto"] = "fp32"
 
     def __post_init__(self) -> None:
         # A triplet loss needs a negative in the batch, so 2 captions at least.

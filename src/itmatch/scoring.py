@@ -20,7 +20,7 @@ from __future__ import annotations
 import copy
 import math
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
@@ -30,8 +30,7 @@ from itmatch.distributed import gather_shards, shard, world_size
 from itmatch.errors import InputError
 from itmatch.models.base import Encoded, Matcher
 from itmatch.models.layers import parameter_signature
-
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+from itmatch.precision import AUTO, check_precision, precision_dtype, resolve
 
 # Working memory of one tile by default: small tiles stay in the CPU's cache, while a GPU needs
 # large tiles to be busy (measured: 64 MiB is the fastest here on CPU and 12-16x too small on an
@@ -39,19 +38,13 @@ PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 DEFAULT_MEMORY_BUDGET = {"cpu": 64 << 20, "cuda": 2 << 30}
 
 
-def precision_dtype(precision: str) -> torch.dtype | None:
-    """The floating type of a scoring precision (None: float32, the models' own)."""
-    if precision not in PRECISIONS:
-        raise InputError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-    return PRECISIONS[precision]
-
-
 @dataclass(frozen=True)
 class ScoringOptions:
     """How to score many pairs.
 
     memory_budget: bytes of working memory per tile (None: the device's default);
-    precision: "fp32", "bf16" or "fp16" (scores are always returned in float32);
+    precision: "fp32", "bf16", "fp16" or "auto", the fastest that this machine runs well
+    (`itmatch.precision`; scores are always returned in float32);
     compile: run the pair scorer through torch.compile (fused kernels; compiling costs tens of
     seconds once, so it pays on large evaluations); progress: a progress bar over tiles;
     across_processes: every process of a torchrun job scores a share and receives the whole
@@ -59,13 +52,13 @@ class ScoringOptions:
     """
 
     memory_budget: int | None = None
-    precision: str = "fp32"
+    precision: str = AUTO
     compile: bool = False
     progress: bool = False
     across_processes: bool = False
 
     def __post_init__(self) -> None:
-        precision_dtype(self.precision)  # validates
+        check_precision(self.precision)
         if self.memory_budget is not None and self.memory_budget < 1:
             raise InputError(f"memory_budget must be at least 1 byte, got {self.memory_budget}")
 
@@ -73,12 +66,21 @@ class ScoringOptions:
     def dtype(self) -> torch.dtype | None:
         return precision_dtype(self.precision)
 
+    def on(self, device: torch.device) -> ScoringOptions:
+        """These options with "auto" resolved to this device's precision; fp32 while gradients
+        are recorded (a copy of the model cast to another type would carry none: training takes
+        bf16 through autocast, `train.precision`)."""
+        if self.precision == AUTO and torch.is_grad_enabled():
+            return replace(self, precision="fp32")
+        return replace(self, precision=resolve(self.precision, device))
+
 
 DEFAULT = ScoringOptions()
 
 
 def score_grid(model: Matcher, images: Encoded, texts: Encoded, options: ScoringOptions = DEFAULT) -> Tensor:
     """Scores of every image with every text: (n_images, n_texts), float32."""
+    options = options.on(model.device)
     if options.across_processes and world_size() > 1:
         return gather_shards(_score_grid(model, images, texts.select(shard(len(texts))), options), dim=1)
     return _score_grid(model, images, texts, options)
@@ -115,6 +117,7 @@ def score_pairs(
     options: ScoringOptions = DEFAULT,
 ) -> Tensor:
     """Scores of the pairs (images[image_index[p]], texts[text_index[p]]): (n_pairs,), float32."""
+    options = options.on(model.device)
     if options.across_processes and world_size() > 1:
         share = shard(len(image_index))
         return gather_shards(_score_pairs(model, images, texts, image_index[share], text_index[share], options))
@@ -162,6 +165,7 @@ _SCORERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 def pair_scorer(model: Matcher, options: ScoringOptions = DEFAULT):
     """`model.pair_scores` in the options' precision (on a copy of the model in that type, cached
     and remade when the weights change), optionally compiled."""
+    options = options.on(model.device)
     dtype, key = options.dtype, (options.precision, options.compile)
     weights = () if dtype is None else parameter_signature(model.parameters())
     cache = _SCORERS.setdefault(model, {})

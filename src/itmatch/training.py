@@ -38,6 +38,7 @@ from itmatch.files import atomic_write, folder_lock, remove_leftover_temps
 from itmatch.losses import TrainingContext
 from itmatch.models.backbones import BackboneConfig, build_backbone, load_weights
 from itmatch.models.registry import architecture_class, build_model
+from itmatch.precision import precision_dtype, training_precision
 from itmatch.scoring import ScoringOptions
 
 
@@ -118,6 +119,7 @@ class _Trainer:
         else:  # the adversary's parameters take no part in the main loss, and the reverse
             self.network = DistributedDataParallel(model, find_unused_parameters=self.adversary is not None)
         self.writer = SummaryWriter(str(run_dir / "tensorboard")) if process.main else None
+        self.autocast_dtype = precision_dtype(training_precision(config.train.precision, process.device))
         # How the features were made, so that new photos can be read the same way (itmatch.extract).
         self.extraction = recorded_extraction(train_split.data_dir) if isinstance(train_split, PrecompSplit) else None
 
@@ -193,17 +195,24 @@ class _Trainer:
         """One optimizer step on the weighted sum of the model's loss terms, then one of the
         adversary (if the model has one) on its own terms; returns "loss" and every term."""
         batch = {key: value.to(self.process.device) for key, value in batch.items()}
-        terms = self.network(batch, context)
+        terms = self._forward(batch, context)
         loss = weighted_loss(terms, self.config.loss, context.epoch)
         self._descend(self.optimizer, loss)
         values = {"loss": loss.item()} | {name: value.item() for name, value in terms.items()}
         if self.adversary is not None:
-            adversary_terms = self.network(batch, context, adversary=True)
+            adversary_terms = self._forward(batch, context, adversary=True)
             self._descend(self.adversary, weighted_loss(adversary_terms, self.config.loss, context.epoch))
             values |= {name: value.item() for name, value in adversary_terms.items()}
         self.state.step += 1
         self.state.batches_done += 1
         return values
+
+    def _forward(self, batch: dict, context: TrainingContext, adversary: bool = False) -> dict[str, torch.Tensor]:
+        """The loss terms, under autocast in bf16 when training in it (the weights stay fp32)."""
+        dtype, device = self.autocast_dtype, self.process.device.type
+        with torch.autocast(device, dtype=dtype or torch.float32, enabled=dtype is not None):
+            terms = self.network(batch, context, adversary=adversary)
+        return {name: value.float() for name, value in terms.items()}
 
     def _descend(self, optimizer: torch.optim.Optimizer, loss: torch.Tensor) -> None:
         if not torch.isfinite(loss):

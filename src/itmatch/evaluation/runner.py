@@ -151,7 +151,7 @@ def evaluate_split(
         "csls": csls,
         "reciprocal": reciprocal,
         "fuse": fuse,
-        "precision": scoring.precision,
+        "precision": scoring.on(models[0].device).precision,
         "rerank_k": rerank_k,
         "candidates": candidates if rerank_k is not None else None,
         "pairs_scored": pairs_scored,

@@ -192,14 +192,15 @@ class Matcher(nn.Module):
         lengths: Tensor,
         boxes: Tensor | None = None,
         image_sizes: Tensor | None = None,
-        precision: str = "fp32",
+        precision: str = "auto",
         **inputs: Tensor,
     ) -> Tensor:
         """The (n_images, n_captions) score matrix of region features (pixels for a model with
         a backbone) and token-id captions.
 
         Other image inputs the model reads are given by name (`region_graph=...`), or derived
-        from `boxes` and `image_sizes` (w, h). `precision`: "fp32", "bf16" or "fp16" scoring.
+        from `boxes` and `image_sizes` (w, h). `precision`: "fp32", "bf16", "fp16" or "auto" scoring (see
+        `itmatch.precision`).
         """
         from itmatch.scoring import ScoringOptions, score_grid
 
