@@ -62,9 +62,10 @@ def text_global(model: CMCAN, words: Tensor) -> Tensor:
     return l2norm((weights[..., None] * words).sum(1))
 
 
-@torch.no_grad()
-def shard_scores(model: CMCAN, regions: Tensor, adjacency: Tensor, words: Tensor, lengths: list[int]) -> Tensor:
-    """Scores of one shard (n_images, n_captions), one caption at a time."""
+def caption_loop_scores(model: CMCAN, regions: Tensor, adjacency: Tensor, words: Tensor, lengths: list[int]) -> Tensor:
+    """Scores (n_images, n_captions), one caption at a time against every image: the official
+    `forward_sim`, which training runs on the whole batch (with gradients) and evaluation on each
+    shard."""
     n_images = len(regions)
     image_global, context = image_side(model, regions, adjacency)
     columns = []
@@ -83,6 +84,9 @@ def shard_scores(model: CMCAN, regions: Tensor, adjacency: Tensor, words: Tensor
         head = torch.cat([reason(model.text_reasoning, text), reason(model.visual_reasoning, visual)], dim=-1)
         columns.append(torch.sigmoid(model.head(head)))
     return torch.cat(columns, dim=1)
+
+
+shard_scores = torch.no_grad()(caption_loop_scores)
 
 
 def official_style_scores(

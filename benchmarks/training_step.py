@@ -1,0 +1,137 @@
+"""Benchmark (d): one CMCAN training step (forward and backward) against a loop-style reference
+with the official structure.
+
+    .venv/bin/python benchmarks/training_step.py [--batch 128] [--threads 2] [--repeats 2] [--compile]
+
+At the official sizes (a batch of 128 images of 36 regions of 2048-d with one 12-word caption
+each, D=1024, P=256, the official preset): the reference runs the official training step's
+structure (both encoders, the batch's score matrix by a Python loop over the captions, each
+against every image, as the official `forward_sim`; the max-violation triplet loss summed;
+backward); itmatch runs `training_losses` (the scoring engine's tiles) and backward in fp32 and
+under bf16 autocast, and with --compile its pair scorer compiled too. Same weights; each figure
+is the best of --repeats rounds, each round timing every variant once (the machine's drift
+reaches all alike). Before timing, in eval mode (no dropout), the loss of each variant and its
+largest gradient difference from the reference are printed: the same function is computed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+from official_style import caption_loop_scores
+from scoring_speed import inputs, synchronize
+
+from itmatch import build_run_config, create_model
+from itmatch.device import default_device
+from itmatch.losses import TrainingContext, triplet_ranking_loss
+from itmatch.precision import calibration
+
+
+def reference_loss(model, batch: dict, context: TrainingContext) -> torch.Tensor:
+    images = model.encode_images(batch["features"], batch["region_graph"])
+    texts = model.encode_texts(batch["tokens"], batch["lengths"])
+    lengths = batch["lengths"].tolist()
+    scores = caption_loop_scores(model, images["regions"], batch["region_graph"], texts["words"], lengths)
+    return triplet_ranking_loss(scores, context.loss, negatives=context.negatives)
+
+
+def engine_loss(model, batch: dict, context: TrainingContext, dtype: torch.dtype | None) -> torch.Tensor:
+    with torch.autocast(model.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        return sum(model.training_losses(batch, context).values()).float()
+
+
+def step(model, loss_function) -> torch.Tensor:
+    """One forward and backward; returns the loss (the gradients stay in the model)."""
+    model.zero_grad(set_to_none=True)
+    loss = loss_function()
+    loss.backward()
+    synchronize()
+    return loss.detach()
+
+
+def gradients(model) -> dict[str, torch.Tensor]:
+    return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+
+def variants(model, batch: dict, context: TrainingContext, compile_scorer: bool) -> dict:
+    functions = {
+        "reference fp32": lambda: reference_loss(model, batch, context),
+        "itmatch fp32": lambda: engine_loss(model, batch, context, None),
+        "itmatch bf16 autocast": lambda: engine_loss(model, batch, context, torch.bfloat16),
+    }
+    if compile_scorer:
+        compiled = torch.compile(model.pair_scores, dynamic=True)
+        original = model.pair_scores
+
+        def compiled_loss():
+            model.pair_scores = compiled
+            try:
+                return engine_loss(model, batch, context, None)
+            finally:
+                model.pair_scores = original
+
+        functions["itmatch fp32 compiled"] = compiled_loss
+    return functions
+
+
+def check_same_function(model, functions: dict) -> None:
+    """Each variant's loss and largest gradient difference from the reference, relative to the
+    largest gradient (eval mode: no dropout)."""
+    model.eval()
+    reference_value, reference_grads = None, None
+    for name, function in functions.items():
+        loss = step(model, function).item()
+        grads = gradients(model)
+        if reference_grads is None:
+            reference_value, reference_grads = loss, grads
+            print(f"{name}: loss {loss:.4f}")
+            continue
+        scale = max(g.abs().max().item() for g in reference_grads.values())
+        difference = max((grads[k] - g).abs().max().item() for k, g in reference_grads.items()) / scale
+        print(f"{name}: loss {loss:.4f} ({loss - reference_value:+.1e}), gradients off by {difference:.0e} of the max")
+    model.train()
+
+
+def timed(model, functions: dict, repeats: int) -> dict[str, float]:
+    best = dict.fromkeys(functions, float("inf"))
+    for function in functions.values():  # warm-up (and compiling) outside the rounds
+        step(model, function)
+    for _ in range(repeats):
+        for name, function in functions.items():
+            started = time.perf_counter()
+            step(model, function)
+            best[name] = min(best[name], time.perf_counter() - started)
+    return best
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--compile", action="store_true", help="also time the pair scorer compiled")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    device = default_device()
+    config = build_run_config("cmcan-official", {"model": {"vocab_size": 8481}})
+    torch.manual_seed(0)
+    model = create_model("cmcan", config.model).to(device)
+    features, adjacency, tokens, lengths = (t.to(device) for t in inputs(args.batch, args.batch, 8481))
+    batch = {"features": features, "region_graph": adjacency, "tokens": tokens, "lengths": lengths}
+    batch["image_index"] = torch.arange(args.batch, device=device)
+    context = TrainingContext(config.loss)
+    functions = variants(model, batch, context, args.compile)
+    print(f"{device.type} ({calibration(device).machine}), batch {args.batch}, best of {args.repeats} rounds")
+    check_same_function(model, functions)
+    seconds = timed(model, functions, args.repeats)
+    reference = seconds["reference fp32"]
+    for name, value in seconds.items():
+        print(
+            f"{name}: {value:.2f} s/step, {1 / value:.3f} steps/s, {reference / value:.2f}x the reference", flush=True
+        )
+
+
+if __name__ == "__main__":
+    main()
