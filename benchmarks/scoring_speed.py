@@ -32,6 +32,7 @@ from itmatch.data.region_graph import directional_adjacency
 from itmatch.device import default_device
 from itmatch.evaluation.metrics import retrieval_metrics
 from itmatch.evaluation.runner import evaluate_split
+from itmatch.precision import calibration
 from itmatch.scoring import ScoringOptions, score_grid
 
 
@@ -110,6 +111,7 @@ def speed(args, device: torch.device) -> None:
         f"best of {args.repeats} interleaved rounds"
     )
     print(f"encoding images and captions (both scorers need it): {encoding_seconds:.2f} s")
+    print(f"precision auto chooses {calibration(device).describe()}")
     print(f"reference (official structure, fp32): {pairs / reference_seconds:,.0f} pairs/s")
     reference_recalls = recalls(reference, per_image)
     for precision, compile in variants:
@@ -141,8 +143,9 @@ def trained_rsum(args) -> None:
 
 
 def scoring_variants(device: torch.device) -> list[tuple[str, bool]]:
-    """(precision, compile) of each engine variant: fp32 and bf16, and fp16 on a GPU; eager and compiled."""
-    precisions = ["fp32", "bf16"] + (["fp16"] if device.type == "cuda" else [])
+    """(precision, compile) of each engine variant: auto (the default), fp32 and bf16, and fp16 on a
+    GPU; eager and compiled."""
+    precisions = ["auto", "fp32", "bf16"] + (["fp16"] if device.type == "cuda" else [])
     return [(precision, compile) for precision in precisions for compile in (False, True)]
 
 

@@ -1,4 +1,4 @@
-"""Benchmark (d): one CMCAN training step (forward and backward) against a loop-style reference
+"""Benchmark (e): one CMCAN training step (forward and backward) against a loop-style reference
 with the official structure.
 
     .venv/bin/python benchmarks/training_step.py [--batch 128] [--threads 2] [--repeats 2] [--compile]
