@@ -3,18 +3,14 @@ follows its equations caption by caption whatever the padding, and short trainin
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
+from conftest import CHANCE_RSUM, short_training_metrics
 
-from itmatch import build_run_config, create_model, load_checkpoint
+from itmatch import build_run_config, create_model
 from itmatch.config import merge
-from itmatch.data.precomp import PrecompSplit
-from itmatch.data.synthetic import SyntheticSpec, make_synthetic
-from itmatch.evaluation.runner import evaluate_split
+from itmatch.models.abilities import Explains
 from itmatch.scoring import ScoringOptions, score_grid, score_pairs
-from itmatch.training import train
 
 SIZES = {"vocab_size": 30, "img_dim": 20, "embed_size": 16, "text": {"word_dim": 8}}
 
@@ -78,6 +74,34 @@ def test_batched_scores_equal_the_paper_formula_pair_by_pair(whole_image):
     torch.testing.assert_close(pairs, expected[[3, 0, 2], [1, 4, 0]], atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("whole_image", [True, False])
+def test_explanations_are_the_alignment_the_score_sums(whole_image):
+    model = dvsa(whole_image=whole_image)
+    features, tokens, lengths = batch()
+    pairs = torch.tensor([3, 0, 2]), torch.tensor([1, 4, 3])
+    with torch.no_grad():
+        images, texts = model.encode_images(features), model.encode_texts(tokens, lengths)
+        picked_images, picked_texts = images.select(pairs[0]), texts.select(pairs[1])
+        explained = model.explain(picked_images, picked_texts)
+        scores = score_pairs(model, images, texts, *pairs)
+    assert isinstance(model, Explains)
+    torch.testing.assert_close(explained["score"], scores)
+    attention, n_regions = explained["word_attention"], features.shape[1]
+    assert attention.shape == (3, 12, n_regions)  # boxes only: the whole-image fragment has none
+    for p, (fragments, words, mask) in enumerate(
+        zip(picked_images["regions"], picked_texts["words"], picked_texts["mask"], strict=True)
+    ):
+        for t, word in enumerate(words):
+            best = max(range(len(fragments)), key=lambda i: torch.dot(fragments[i], word).item())
+            expected = torch.zeros(n_regions)
+            if mask[t] and best < n_regions:
+                expected[best] = 1
+            elif mask[t]:
+                expected += 1 / n_regions
+            torch.testing.assert_close(attention[p, t], expected)
+    torch.testing.assert_close(explained["region_confidence"].sum(-1), torch.ones(3))
+
+
 def test_word_vectors_do_not_depend_on_padding_and_are_zero_on_it():
     model = dvsa()
     features, tokens, lengths = batch()
@@ -94,31 +118,7 @@ def test_the_preset_has_the_papers_loss():
     assert config.model.whole_image and config.model.embed_size == 1000
 
 
-N_TEST = 50
-
-
-@pytest.fixture(scope="module")
-def scenes(tmp_path_factory) -> Path:
-    spec = SyntheticSpec(n_regions=8, feature_dim=32, regions_per_object=(1, 2))
-    return make_synthetic(
-        tmp_path_factory.mktemp("scenes"), {"train": 300, "dev": 30, "test": N_TEST}, seed=5, spec=spec
-    )
-
-
-def test_short_training_beats_chance_by_a_wide_margin(scenes, tmp_path):
-    settings = {
-        "model": {"embed_size": 64, "text": {"word_dim": 32}},
-        "train": {
-            "epochs": 4,
-            "batch_size": 32,
-            "learning_rate": 2e-3,
-            "checkpoint_every": 0,
-            "dev_max_captions": None,
-        },
-        "loss": {"exclude_same_image": True},
-    }
-    torch.manual_seed(0)
-    train(build_run_config("dvsa", settings), scenes, tmp_path, progress=False, log=lambda *_: None)
-    model = load_checkpoint(tmp_path / "best.pt", device="cpu")
-    metrics = evaluate_split(model, PrecompSplit(scenes, "test"), progress=False)
-    assert metrics["rsum"] > 3 * 6 * 100 * 5.5 / N_TEST, metrics  # three times the chance recalls (~66)
+def test_short_training_beats_chance_by_a_wide_margin(small_scenes, tmp_path):
+    sizes = {"model": {"embed_size": 64, "text": {"word_dim": 32}}}
+    metrics = short_training_metrics("dvsa", sizes, small_scenes, tmp_path)
+    assert metrics["rsum"] > 3 * CHANCE_RSUM, metrics

