@@ -28,12 +28,11 @@ import torch
 from torch import Tensor, nn
 
 from itmatch.errors import ConfigError
-from itmatch.losses import TrainingContext, triplet_term
+from itmatch.losses import TrainingContext, batch_scores, triplet_term
 from itmatch.models.base import EmbeddingMatcher, Encoded, word_mask
 from itmatch.models.layers import l2norm
 from itmatch.models.registry import register
 from itmatch.models.text import TextConfig, TransformerTextEncoder
-from itmatch.scoring import score_grid
 
 
 @dataclass
@@ -157,17 +156,19 @@ class SAEM(EmbeddingMatcher):
         return Encoded({"vector": self.text_encoder(*self._check_tokens(tokens, lengths))[2]})
 
     def training_losses(self, batch: Mapping[str, Tensor], context: TrainingContext) -> dict[str, Tensor]:
-        """The hinge, angular and weight-norm terms (weighted by `loss.weights`)."""
+        """The hinge, angular and weight-norm terms (weighted by `loss.weights`); the in-batch
+        terms see the global batch under global negatives."""
         images, texts = self.encode_image_batch(batch), self.encode_text_batch(batch)
-        not_negative = torch.eye(len(texts), dtype=torch.bool, device=texts["vector"].device)
+        image_vectors, text_vectors = context.gather(images["vector"]), context.gather(texts["vector"])
+        not_negative = torch.eye(len(text_vectors), dtype=torch.bool, device=text_vectors.device)
         if context.loss.exclude_same_image:
-            ids = batch["image_index"].to(not_negative.device)
+            ids = context.gather(batch["image_index"].to(not_negative.device))
             not_negative = not_negative | (ids[:, None] == ids[None, :])
-        image_vectors, text_vectors, bound = images["vector"], texts["vector"], self.config.angle_bound
+        bound = self.config.angle_bound
         angular = angular_loss(image_vectors, text_vectors, not_negative, bound)
         angular = angular + angular_loss(text_vectors, image_vectors, not_negative.T, bound)
         return {
-            "triplet": triplet_term(score_grid(self, images, texts), batch, context),
+            "triplet": triplet_term(batch_scores(self, images, texts, context), batch, context),
             "angular": angular,
             "weight_norm": self.image_encoder.weight_norms(),
         }

@@ -28,12 +28,11 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from itmatch.losses import TrainingContext, triplet_term
+from itmatch.losses import TrainingContext, batch_scores, triplet_term
 from itmatch.models.base import EmbeddingMatcher, Encoded
 from itmatch.models.layers import l2norm, xavier_init
 from itmatch.models.registry import official_parts, register
 from itmatch.models.text import TextConfig, build_text_encoder, float32_rnn
-from itmatch.scoring import score_grid
 
 
 @dataclass
@@ -182,6 +181,6 @@ class VSRN(EmbeddingMatcher):
         features = self.backbone(batch["pixels"]) if self.backbone is not None else batch["features"]
         vectors, regions = self.reason(features)
         texts = self.encode_text_batch(batch)
-        scores = score_grid(self, Encoded({"vector": vectors}), texts)
+        scores = batch_scores(self, Encoded({"vector": vectors}), texts, context)
         caption = self.captioner.loss(regions, *self._check_tokens(batch["tokens"], batch["lengths"]))
         return {"triplet": triplet_term(scores, batch, context), "caption": caption}
