@@ -15,7 +15,7 @@ from itmatch.models.base import Encoded
 from itmatch.models.cmcan import neighbour_counts
 from itmatch.scoring import ScoringOptions, score_grid, score_pairs
 
-SMALL = {"vocab_size": 30, "img_dim": 20, "embed_size": 24, "text": {"word_dim": 16}}
+SMALL = {"vocab_size": 30, "img_dim": 20, "embed_size": 32, "text": {"word_dim": 16}}
 N_REGIONS = 9
 
 
@@ -102,7 +102,7 @@ def test_embedding_model_scores_by_dot_product():
     [
         (lambda f, t, n, a: (f[..., :5], t, n, a), "20-d region features"),
         (lambda f, t, n, a: (f.float().masked_fill(torch.rand(f.shape) > 0.9, float("nan")), t, n, a), "NaN"),
-        (lambda f, t, n, a: (f, t + 100, n, a), "word ids"),
+        (lambda f, t, n, a: (f, t + 100_000, n, a), "word ids"),  # past a vocabulary or a tokenizer
         (lambda f, t, n, a: (f, t, n + 10, a), "caption lengths"),
         (lambda f, t, n, a: (f, t, n[:3], a), "lengths"),
         (lambda f, t, n, a: (f, t.float(), n, a), "integer tensor"),

@@ -67,14 +67,26 @@ def require(state: dict, keys: list[str], model: str, path: Path) -> None:
             raise CheckpointError(path, f"missing tensor for {key}: not a complete {model} checkpoint")
 
 
-def save_converted(config: RunConfig, state: dict, payload: dict, path: Path, out, vocab=None):
+def check_option_sizes(options: dict, sizes: dict[str, int], path: Path) -> None:
+    """Each size the official options record (opt.embed_size, ...) must be the tensors' one."""
+    for name, size in sizes.items():
+        if name in options and options[name] is not None and int(options[name]) != size:
+            raise CheckpointError(path, f"opt.{name} is {options[name]} but the tensors give {size}")
+
+
+def save_converted(config: RunConfig, state: dict, payload: dict, path: Path, out, vocab=None, untrained=()):
     """Builds the model of `config`, loads `state` strictly, checks the vocabulary and writes the
-    itmatch checkpoint `out`; returns the model."""
+    itmatch checkpoint `out`; returns the model. Modules whose names start with a prefix in
+    `untrained` are not in official checkpoints (a training-only branch) and keep their
+    initialisation."""
     model = build_model(config)
+    if untrained:
+        state = {key: value for key, value in model.state_dict().items() if key.startswith(tuple(untrained))} | state
     try:
         model.load_state_dict(state)
     except RuntimeError as error:
-        raise CheckpointError(path, f"tensors do not fit the {config.preset} architecture: {error}") from None
+        reason = " ".join(str(error).split())  # torch's message spans lines
+        raise CheckpointError(path, f"tensors do not fit the {config.preset} architecture: {reason}") from None
     if vocab is not None:
         model.vocab = Vocabulary.load(vocab)
         if len(model.vocab) != config.model.vocab_size:

@@ -14,6 +14,7 @@ import torch
 
 from itmatch.config import build_run_config
 from itmatch.convert.official import (
+    check_option_sizes,
     map_state,
     read_official_checkpoint,
     require,
@@ -83,9 +84,7 @@ def scan_overrides(opt: argparse.Namespace, state: dict[str, torch.Tensor], path
         "word_dim": text["text"]["word_dim"],
         "vocab_size": text["vocab_size"],
     }
-    for name, size in shapes.items():
-        if name in options and options[name] is not None and int(options[name]) != size:
-            raise CheckpointError(path, f"opt.{name} is {options[name]} but the tensors give {size}")
+    check_option_sizes(options, shapes, path)
     model = {
         **text,
         "img_dim": img_dim,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -19,11 +20,11 @@ from itmatch.models.backbones import build_backbone
 class Family:
     """A registered model family: its class, the "module:function(checkpoint, out, vocab=None)"
     converting its official training checkpoints, and a test `recognizes(payload)` telling whether
-    a loaded official checkpoint is one of them."""
+    a loaded official checkpoint is one of them (0 or False: no; a larger number: more specific)."""
 
     model_class: type
     converter: str | None = None
-    recognizes: Callable[[dict], bool] | None = None
+    recognizes: Callable[[dict], int] | None = None
 
 
 _FAMILIES: dict[str, Family] = {}
@@ -40,11 +41,24 @@ def register(cls: type | None = None, *, converter: str | None = None, recognize
     return add(cls) if cls is not None else add
 
 
-def official_parts(n_parts: int) -> Callable[[dict], bool]:
-    """Recognises the official training scripts' {"model": [n_parts state dicts], "opt": ...}."""
-    return lambda payload: (
-        isinstance(payload.get("model"), list) and len(payload["model"]) == n_parts and "opt" in payload
-    )
+def official_parts(n_parts: int, marker: str | None = None) -> Callable[[dict], int]:
+    """Recognises the official training scripts' {"model": [n_parts state dicts], "opt": ...}.
+
+    With `marker`, a regular expression that some key of the first state dict must match: such a
+    recognizer is more specific (it answers 2) than the layout alone (1), so a family whose
+    checkpoints share another's layout (VSRN's [img_enc, txt_enc] is SCAN's) is told apart.
+    """
+
+    def recognizes(payload: dict) -> int:
+        parts = payload.get("model")
+        if not isinstance(parts, list) or len(parts) != n_parts or "opt" not in payload:
+            return 0
+        if marker is None:
+            return 1
+        first = parts[0] if isinstance(parts[0], dict) else {}
+        return 2 if any(isinstance(key, str) and re.fullmatch(marker, key) for key in first) else 0
+
+    return recognizes
 
 
 def _discover() -> None:
@@ -83,12 +97,12 @@ def official_sources() -> dict[str, str]:
 
 
 def recognize_official(payload: dict) -> str | None:
-    """The architecture whose official training checkpoint `payload` is, if one recognises it."""
+    """The architecture whose official training checkpoint `payload` is, if one recognises it (the
+    most specific recognizer wins: see `official_parts`)."""
     _discover()
-    for name, entry in _FAMILIES.items():
-        if entry.recognizes is not None and entry.recognizes(payload):
-            return name
-    return None
+    answers = [(int(entry.recognizes(payload)), name) for name, entry in _FAMILIES.items() if entry.recognizes]
+    specificity, name = max(answers, default=(0, None), key=lambda answer: answer[0])
+    return name if specificity > 0 else None
 
 
 def create_model(architecture: str, model_config):

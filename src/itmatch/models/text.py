@@ -123,21 +123,39 @@ class GRUTextEncoder(TextEncoder):
         return words, word_mask(lengths.to(tokens.device), tokens.shape[1]), last
 
 
-class PretrainedTextEncoder(TextEncoder):
-    """A transformers model's token states, projected to embed_size: one word vector per token
-    ([CLS] and [SEP] included, as the GRU's <start> and <end>), and their mean as the sentence
-    vector (the pooling all-MiniLM-L6-v2 was trained with)."""
+class TransformerTextEncoder(TextEncoder):
+    """A transformers model from a local folder (or a checkpoint's stored files) and its tokenizer,
+    cut at `max_length` tokens when given; subclasses turn its token states into vectors."""
 
-    def __init__(self, embed_size: int, config: TextConfig):
+    def __init__(self, encoder: str, max_length: int | None = None):
         super().__init__()
-        self.config = config
-        self.transformer, tokenizer = _load_pretrained(config.encoder)
+        self.transformer, tokenizer = _load_pretrained(encoder)
         # The pooler ([CLS] through a layer trained for next-sentence prediction) is unused, and an
         # unused parameter breaks DistributedDataParallel.
         if getattr(self.transformer, "pooler", None) is not None:
             self.transformer.pooler = None
         positions = getattr(self.transformer.config, "max_position_embeddings", tokenizer.model_max_length)
-        self.tokenizer = PretrainedTokenizer(tokenizer, min(positions, tokenizer.model_max_length))
+        longest = min(positions, tokenizer.model_max_length, max_length or positions)
+        self.tokenizer = PretrainedTokenizer(tokenizer, longest)
+
+    def pretrained_parameters(self) -> list[nn.Parameter]:
+        return list(self.transformer.parameters())
+
+    def stored_files(self) -> dict[str, bytes]:
+        with tempfile.TemporaryDirectory() as folder:
+            self.transformer.config.save_pretrained(folder)
+            self.tokenizer.hf.save_pretrained(folder)
+            return {path.name: path.read_bytes() for path in Path(folder).iterdir() if path.is_file()}
+
+
+class PretrainedTextEncoder(TransformerTextEncoder):
+    """A transformers model's token states, projected to embed_size: one word vector per token
+    ([CLS] and [SEP] included, as the GRU's <start> and <end>), and their mean as the sentence
+    vector (the pooling all-MiniLM-L6-v2 was trained with)."""
+
+    def __init__(self, embed_size: int, config: TextConfig):
+        super().__init__(config.encoder)
+        self.config = config
         self.dropout = nn.Dropout(config.dropout)
         self.proj = nn.Linear(self.transformer.config.hidden_size, embed_size)
 
@@ -150,15 +168,6 @@ class PretrainedTextEncoder(TextEncoder):
         if self.config.normalize:
             words = l2norm(words)
         return words, mask, sentence
-
-    def pretrained_parameters(self) -> list[nn.Parameter]:
-        return list(self.transformer.parameters())
-
-    def stored_files(self) -> dict[str, bytes]:
-        with tempfile.TemporaryDirectory() as folder:
-            self.transformer.config.save_pretrained(folder)
-            self.tokenizer.hf.save_pretrained(folder)
-            return {path.name: path.read_bytes() for path in Path(folder).iterdir() if path.is_file()}
 
 
 class PretrainedTokenizer:
@@ -230,7 +239,11 @@ def pretrained_folder(encoder: str) -> Path:
             f"model.text.encoder: {folder}: no such folder (expected {names} or the folder of a transformers model)"
         )
     if not (folder / "config.json").is_file():
-        raise ConfigError(f"model.text.encoder: {folder}: has no config.json, so it is not a transformers model folder")
+        google = ' (Google\'s bert_config.json is: copy it to config.json with "model_type": "bert")'
+        hint = google if (folder / "bert_config.json").is_file() else ""
+        raise ConfigError(
+            f"model.text.encoder: {folder}: has no config.json, so it is not a transformers model folder{hint}"
+        )
     return folder
 
 
@@ -246,11 +259,33 @@ def _load_pretrained(encoder: str):
         return _load_stored(transformers, stored)
     folder = pretrained_folder(encoder)
     try:
-        model = transformers.AutoModel.from_pretrained(folder, local_files_only=True)
+        model, loading = transformers.AutoModel.from_pretrained(folder, local_files_only=True, output_loading_info=True)
         tokenizer = transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True)
-    except (OSError, ValueError, KeyError) as error:
-        raise ConfigError(f"model.text.encoder: {folder}: transformers cannot load it ({error})") from None
+    except (OSError, ValueError, KeyError, RuntimeError) as error:
+        reason = " ".join(str(error).split())
+        raise ConfigError(f"model.text.encoder: {folder}: transformers cannot load it ({reason})") from None
+    problem = _weights_problem(loading)
+    if problem:
+        raise ConfigError(f"model.text.encoder: {folder}: its weights do not fit its config.json: {problem}")
     return model, tokenizer
+
+
+def _weights_problem(loading: dict) -> str | None:
+    """What makes a loaded model partly random (a weight missing, of another shape, or one the
+    model does not have), or None. Loading is strict: transformers would leave a missing weight
+    at its random initialisation with a warning. Old pytorch-pretrained-BERT names (LayerNorm
+    gamma/beta, the `bert.` prefix) are renamed by transformers, pre-training heads (`cls.*`) are
+    left out, and so is a missing pooler (the encoders drop it)."""
+    unexpected = sorted(key for key in loading["unexpected_keys"] if not key.startswith("cls."))
+    for kind, keys in (
+        ("missing", sorted(key for key in loading["missing_keys"] if not key.startswith("pooler."))),
+        ("of another shape", sorted(loading["mismatched_keys"])),
+        ("unexpected", unexpected),
+    ):
+        if keys:
+            more = f" and {len(keys) - 1} more" if len(keys) > 1 else ""
+            return f"{kind} weight {keys[0]}{more}"
+    return None
 
 
 def _load_stored(transformers, files: dict[str, bytes]):
