@@ -263,6 +263,12 @@ class Matcher(nn.Module):
         """Scores of pairs whose leading axes broadcast (see CrossAttentionMatcher)."""
         raise NotImplementedError
 
+    def transductive_scores(self, images: Encoded, texts: Encoded) -> Tensor:
+        """The (n_images, n_captions) scores of a model whose score of a pair depends on every
+        other image and caption given (the whole gallery and its queries): a post-hoc stage
+        reported apart from the model's own, inductive, score (`evaluate_split(transductive=True)`)."""
+        raise InputError(f"{self.architecture} has no transductive score: it scores each pair alone")
+
     def bytes_per_pair(self, n_regions: int, n_words: int) -> int:
         """An estimate of the working memory one pair needs inside `pair_scores`."""
         return 0
