@@ -99,7 +99,8 @@ class CmSSFT(EmbeddingMatcher):
     def training_losses(self, batch: Mapping[str, Tensor], context: TrainingContext) -> dict[str, Tensor]:
         images, texts = self.encode_image_batch(batch), self.encode_text_batch(batch)
         terms = self.shared_terms(images, texts, batch, context)
-        terms["transfer"] = triplet_term(self.transductive_scores(images, texts), batch, context)
+        graph = context.gather_encoded(images), context.gather_encoded(texts)  # the global batch's
+        terms["transfer"] = triplet_term(self.transductive_scores(*graph), batch, context)
         logits = self.modality(torch.cat([images["specific"], texts["specific"]])).squeeze(-1)
         labels = torch.cat([torch.ones(len(images)), torch.zeros(len(texts))]).to(logits)
         terms["modality"] = nn.functional.binary_cross_entropy_with_logits(logits, labels)

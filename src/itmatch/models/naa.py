@@ -69,8 +69,10 @@ class NAA(EmbeddingMatcher):
         return Encoded({"vector": l2norm(self.text_attention(words, mask))})
 
     def training_losses(self, batch: Mapping[str, Tensor], context: TrainingContext) -> dict[str, Tensor]:
-        images, texts = self.encode_image_batch(batch)["vector"], self.encode_text_batch(batch)["vector"]
-        groups = batch["image_index"].to(images.device)
+        # the global batch's vectors and labels under global negatives
+        images = context.gather(self.encode_image_batch(batch)["vector"])
+        texts = context.gather(self.encode_text_batch(batch)["vector"])
+        groups = context.gather(batch["image_index"].to(images.device))
         loss, scores = context.loss, images @ texts.T
         ranking = neighbour_ranking_loss(scores, groups, loss.margin, context.negatives)
         ranking = ranking + neighbour_ranking_loss(scores.T, groups, loss.margin, context.negatives)
