@@ -136,6 +136,11 @@ def _add_evaluate_command(commands) -> None:
         help="of several checkpoints: average the scores, or weigh each per query (adaptive metric fusion)",
     )
     evaluate.add_argument(
+        "--transductive",
+        action="store_true",
+        help="rank by the model's transductive score (each pair's depends on the whole split), if it has one",
+    )
+    evaluate.add_argument(
         "--precision",
         default="auto",
         choices=["auto", "fp32", "bf16", "fp16"],
@@ -293,6 +298,8 @@ def run_evaluate(args) -> None:
         raise InputError(f"{', '.join(str(path) for path in files)} on {where}: {error}") from None
     result["checkpoints"] = [str(path) for path in args.checkpoints]
     name = " + ".join(model.run_config.preset for model in models)
+    if args.transductive:
+        name += " (transductive)"
     if posthoc.active:
         name += f" ({posthoc.describe()})"
     if args.rerank_k:
@@ -333,6 +340,7 @@ def _evaluate(args, models, split, first_stage) -> dict:
         csls=args.csls,
         reciprocal=args.reciprocal,
         fuse=args.fuse,
+        transductive=args.transductive,
     )
 
 

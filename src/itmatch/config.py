@@ -21,6 +21,8 @@ from typing import Any, Literal
 from itmatch.errors import ConfigError
 from itmatch.models.backbones import BackboneConfig
 
+SHARED_TERMS = ("triplet", "cmpm", "identity")
+
 
 @dataclass
 class LossConfig:
@@ -40,10 +42,24 @@ class LossConfig:
     # number, or an epoch schedule [[first_epoch, weight], ...] whose latest begun entry applies
     # (0-based epochs; before the first entry the weight is 0).
     weights: dict[str, float | list[list[float]]] = field(default_factory=dict)
+    # The shared objectives a model trains with (itmatch.losses): "triplet", "cmpm" (cross-modal
+    # projection matching) and "identity" (norm-softmax over one class per training image); the
+    # last two need one vector per item (an embedding model) and P x K batches to see positives.
+    terms: list[str] = field(default_factory=lambda: ["triplet"])
+    # Identity classes: set from the training data (its number of images) when training starts.
+    identity_classes: int = 0
+    identity_bias: bool = True  # the b of TIMAM's norm-softmax
+    label_smoothing: float = 0.0  # of the identity cross-entropy (CMPC's FLAGS.label_smoothing)
+    cmpm_epsilon: float = 1e-8  # the CMPM code's epsilon inside the log
 
     def __post_init__(self) -> None:
         hardest_k(self.negatives)  # validates
-        _check_ranges("loss.", self, at_least={"margin": 0})
+        unknown = sorted(set(self.terms) - set(SHARED_TERMS))
+        if unknown or not self.terms:
+            raise ConfigError(f"loss.terms must list some of {', '.join(SHARED_TERMS)}, got {self.terms!r}")
+        if not 0 <= self.label_smoothing < 1:
+            raise ConfigError(f"loss.label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        _check_ranges("loss.", self, at_least={"margin": 0}, above={"cmpm_epsilon": 0})
         for name, weight in self.weights.items():
             schedule = weight if isinstance(weight, list) else [[0, weight]]
             if any(len(entry) != 2 or entry[0] < 0 for entry in schedule):

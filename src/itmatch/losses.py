@@ -8,20 +8,32 @@ back to each process's own part; `TrainingContext.gather` does the same for any 
 a model's own loss needs (labels, embeddings). Every process then computes the same global loss,
 and DistributedDataParallel's gradient average equals the gradient of one process with the
 whole batch.
+
+Shared terms (`loss.terms` lists those a model trains with; "cmpm" and "identity" need an
+embedding model):
+- "triplet": the bidirectional triplet ranking loss on the batch's image x caption scores;
+- "cmpm": cross-modal projection matching (Zhang and Lu, ECCV 2018), on one vector per item;
+- "identity": norm-softmax cross-entropy over identity classes, one class per training image
+  (TIMAM, Sarafianos et al. 2019), with one classifier shared by both modalities.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from itmatch.config import LossConfig, hardest_k
 from itmatch.distributed import gather_shards, gather_with_grad, max_over_processes, pad_axis
+from itmatch.errors import ConfigError
 from itmatch.models.base import Encoded, Matcher
 from itmatch.scoring import score_grid
+
+# The shared terms computed on one vector per item.
+VECTOR_TERMS = ("cmpm", "identity")
 
 
 @dataclass(frozen=True)
@@ -105,3 +117,75 @@ def triplet_ranking_loss(
         caption_cost, image_cost = caption_cost.topk(k, dim=1).values, image_cost.topk(k, dim=0).values
     total = caption_cost.sum() + image_cost.sum()
     return total if config.reduction == "sum" else total / len(scores)
+
+
+def cmpm_loss(images: Tensor, texts: Tensor, labels: Tensor, epsilon: float = 1e-8) -> Tensor:
+    """Cross-modal projection matching: L_i2t + L_t2i on the unnormalised vectors of a batch.
+
+    p_ij = softmax_j(x_i . z_j / |z_j|), the scalar projection of image i on caption j against
+    those on every caption of the batch (no temperature: the scale is the vectors' norm);
+    q_ij = y_ij / sum_k y_ik with y_ij = 1 when items i and j have the same label;
+    L_i2t = mean_i sum_j p_ij log(epsilon + p_ij / (q_ij + epsilon)), and L_t2i likewise with the
+    image vectors normalised (the CMPM authors' TensorFlow code, modules.py cmpm_loss_compute).
+    """
+    same = (labels[:, None] == labels[None, :]).to(images.dtype)
+    target = same / same.sum(1, keepdim=True)
+    total = images.new_zeros(())
+    for source, other in ((images, texts), (texts, images)):
+        p = torch.softmax(source @ nn.functional.normalize(other, dim=-1, eps=1e-12).T, dim=1)
+        total = total + (p * torch.log(epsilon + p / (target + epsilon))).sum(1).mean()
+    return total
+
+
+class IdentityClassifier(nn.Module):
+    """The norm-softmax layer of the identity loss: logits W_c . x + b_c with every class weight
+    W_c of unit norm (x unnormalised), shared by images and captions. Xavier-initialised as CMPC's
+    `Wfc`; the bias is TIMAM's b (`loss.identity_bias`)."""
+
+    def __init__(self, dim: int, n_classes: int, bias: bool):
+        super().__init__()
+        bound = math.sqrt(6.0 / (dim + n_classes))
+        self.weight = nn.Parameter(torch.empty(n_classes, dim).uniform_(-bound, bound))
+        self.bias = nn.Parameter(torch.zeros(n_classes)) if bias else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        return nn.functional.linear(x, nn.functional.normalize(self.weight, dim=1), self.bias)
+
+
+def identity_loss(
+    classifier: IdentityClassifier, images: Tensor, texts: Tensor, labels: Tensor, smoothing: float = 0.0
+) -> Tensor:
+    """L_I^V + L_I^T: the mean cross-entropy of each modality's vectors against their identity."""
+    return sum(nn.functional.cross_entropy(classifier(x), labels, label_smoothing=smoothing) for x in (images, texts))
+
+
+def loss_heads(config: LossConfig, embed_size: int | None) -> nn.ModuleDict:
+    """The parameters the configured terms own (the identity classifier), for the model to hold."""
+    heads = nn.ModuleDict()
+    if "identity" in config.terms and config.identity_classes:  # 0 until training reads the data
+        if embed_size is None:
+            raise ConfigError("loss.terms identity needs a model with model.embed_size")
+        heads["identity"] = IdentityClassifier(embed_size, config.identity_classes, config.identity_bias)
+    return heads
+
+
+def embedding_terms(
+    images: Encoded, texts: Encoded, key: str, heads: nn.ModuleDict, batch, context: TrainingContext
+) -> dict[str, Tensor]:
+    """The "cmpm" and "identity" terms of `context.loss.terms` on a batch's image and caption
+    vectors (caption j's image is image j): the "unnormalized" vectors when the encodings have
+    them, else those under `key` (unit vectors: CMPM's logits then lie in [-1, 1]). Labels are
+    the images' indices in the split; the global batch's under global negatives."""
+    config = context.loss
+    key = "unnormalized" if "unnormalized" in images else key
+    image_vectors, text_vectors = context.gather(images[key]), context.gather(texts[key])
+    labels = context.gather(batch["image_index"].to(image_vectors.device))
+    terms = {}
+    if "cmpm" in config.terms:
+        terms["cmpm"] = cmpm_loss(image_vectors, text_vectors, labels, config.cmpm_epsilon)
+    if "identity" in config.terms:
+        if "identity" not in heads:
+            raise ConfigError("loss.identity_classes is 0: training sets it to the number of train images")
+        classifier = heads["identity"]
+        terms["identity"] = identity_loss(classifier, image_vectors, text_vectors, labels, config.label_smoothing)
+    return terms

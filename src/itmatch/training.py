@@ -374,14 +374,16 @@ def _vocabulary(data_dir: Path, vocab_path, run_dir: Path, process: Process, log
 
 
 def _fit_to_data(config: RunConfig, split: PrecompSplit | RawImageSplit, vocab: Vocabulary | None) -> RunConfig:
-    """Sets what the data decides: vocabulary, feature dimension, regions per image, and for raw
-    images a backbone (the from-scratch convnet unless backbone.* names another)."""
+    """Sets what the data decides: vocabulary, feature dimension, regions per image, identity
+    classes, and for raw images a backbone (the from-scratch convnet unless backbone.* names another)."""
     if isinstance(split, RawImageSplit) and config.backbone is None:
         config = replace(config, backbone=BackboneConfig())
     regions = split if config.backbone is None else build_backbone(config.backbone)  # both know the shape
     model_class = architecture_class(config.architecture)
     sizes = model_class.data_settings(config.model, regions.feature_dim, regions.n_regions, vocab)
-    return build_run_config(config.to_dict(), {"model": sizes})
+    # One identity class per training image (the identity loss's labels are image indices).
+    classes = {"identity_classes": split.n_images} if "identity" in config.loss.terms else {}
+    return build_run_config(config.to_dict(), {"model": sizes, "loss": classes})
 
 
 def _resume(run_dir: Path, requested: RunConfig, overrides: dict | None, log):

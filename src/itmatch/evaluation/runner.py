@@ -100,6 +100,7 @@ def evaluate_split(
     csls: int | None = None,
     reciprocal: int | None = None,
     fuse: str = "mean",
+    transductive: bool = False,
 ) -> dict:
     """Bidirectional retrieval metrics on `split` (models are put in eval mode).
 
@@ -110,9 +111,10 @@ def evaluate_split(
     the rank the query gets back. `rerank_k` scores only each query's top k by embedding (the
     model's own, or those of the `first_stage` model) with the full model; `candidates="margin"`
     shares the same budget of pairs out by the first stage's confidence instead
-    (`itmatch.retrieval.candidate_pairs`). `scoring` says how pairs are scored (memory budget,
-    precision, compile; see `itmatch.scoring`). The result records the pairs scored and the
-    seconds spent scoring.
+    (`itmatch.retrieval.candidate_pairs`). `transductive` scores each fold by the models'
+    gallery-dependent score (`Matcher.transductive_scores`) instead of their pair scores.
+    `scoring` says how pairs are scored (memory budget, precision, compile; see `itmatch.scoring`).
+    The result records the pairs scored and the seconds spent scoring.
     """
     if protocol not in PROTOCOLS:
         raise InputError(f"unknown protocol {protocol!r}; choose one of {', '.join(PROTOCOLS)}")
@@ -124,6 +126,8 @@ def evaluate_split(
     posthoc.check_models(len(models))
     if rerank_k is not None and (len(models) > 1 or posthoc.active):
         raise InputError("reranking (rerank_k) takes one model, without post-hoc stages or fusion")
+    if transductive and rerank_k is not None:
+        raise InputError("transductive scores take the whole fold: not with rerank_k")
     if first_stage is not None and rerank_k is None:
         raise InputError("a first-stage model is only used with rerank_k")
     check_rerank(rerank_k, candidates)
@@ -140,7 +144,7 @@ def evaluate_split(
         texts = slice(images.start * per_image, images.stop * per_image)
         fold_codes = [(image_codes.select(images), text_codes.select(texts)) for image_codes, text_codes in encodings]
         rerank = None if rerank_k is None else (rerank_k, first_stage, candidates)
-        i2t_sims, t2i_sims, pairs = _fold_rankings(models, fold_codes, posthoc, scoring, rerank)
+        i2t_sims, t2i_sims, pairs = _fold_rankings(models, fold_codes, posthoc, scoring, rerank, transductive)
         pairs_scored += pairs
         folds.append(retrieval_metrics(i2t_sims, per_image, t2i_sims=t2i_sims))
     result = aggregate_folds(folds) if n_folds > 1 else folds[0]
@@ -151,6 +155,7 @@ def evaluate_split(
         "csls": csls,
         "reciprocal": reciprocal,
         "fuse": fuse,
+        "transductive": transductive,
         "precision": scoring.on(models[0].device).precision,
         "rerank_k": rerank_k,
         "candidates": candidates if rerank_k is not None else None,
@@ -159,12 +164,18 @@ def evaluate_split(
     }
 
 
-def _fold_rankings(models, fold_codes, posthoc: PostHoc, scoring: ScoringOptions, rerank) -> tuple:
+def _transductive_scores(model: Matcher, images: Encoded, texts: Encoded, scoring: ScoringOptions):
+    return model.transductive_scores(images, texts)
+
+
+def _fold_rankings(models, fold_codes, posthoc: PostHoc, scoring: ScoringOptions, rerank, transductive) -> tuple:
     """(scores ranking captions for each image, scores ranking images for each caption or None
-    when the same, pairs scored) of one fold: every pair by every model, fused and put through the
-    post-hoc stages; or with `rerank` = (k, first-stage model, candidate rule), two stages."""
+    when the same, pairs scored) of one fold: every pair by every model (their transductive
+    scores with `transductive`), fused and put through the post-hoc stages; or with
+    `rerank` = (k, first-stage model, candidate rule), two stages."""
     if rerank is None:
-        matrices = [score_grid(model, *codes, scoring).cpu() for model, codes in zip(models, fold_codes, strict=False)]
+        score = _transductive_scores if transductive else score_grid
+        matrices = [score(model, *codes, scoring).cpu() for model, codes in zip(models, fold_codes, strict=False)]
         views = posthoc(matrices)
         t2i_sims = None if views.t2i is views.i2t else views.t2i.numpy()
         return views.i2t.numpy(), t2i_sims, sum(sims.numel() for sims in matrices)

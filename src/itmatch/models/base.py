@@ -16,9 +16,10 @@ from torch import Tensor, nn
 
 from itmatch.data.inputs import Inputs, derived_image_inputs
 from itmatch.distributed import pad_axis
-from itmatch.errors import InputError
+from itmatch.errors import ConfigError, InputError
 
 if TYPE_CHECKING:
+    from itmatch.config import LossConfig
     from itmatch.losses import TrainingContext
 
 
@@ -98,6 +99,8 @@ class Matcher(nn.Module):
         # The pixels -> regions image encoder of end-to-end training on raw images (set by
         # build_model from RunConfig.backbone); None when the model reads region features.
         self.backbone = None
+        # Parameters of the shared loss terms the run trains with (`attach_loss_heads`).
+        self.loss_heads = nn.ModuleDict()
 
     @classmethod
     def data_settings(cls, config, feature_dim: int, n_regions: int, vocab) -> dict:
@@ -166,12 +169,35 @@ class Matcher(nn.Module):
 
     def training_losses(self, batch: Mapping[str, Tensor], context: TrainingContext) -> dict[str, Tensor]:
         """The training objective of a batch as named terms (the trainer weights, sums and logs
-        them): the bidirectional triplet ranking loss on the batch's score matrix by default (of
-        the global batch under global negatives: see `itmatch.losses`)."""
-        from itmatch.losses import batch_scores, triplet_term
+        them): the shared terms `loss.terms` names, the triplet ranking loss by default (of the
+        global batch under global negatives: see `itmatch.losses`)."""
+        return self.shared_terms(self.encode_image_batch(batch), self.encode_text_batch(batch), batch, context)
 
-        scores = batch_scores(self, self.encode_image_batch(batch), self.encode_text_batch(batch), context)
-        return {"triplet": triplet_term(scores, batch, context)}
+    def shared_terms(
+        self, images: Encoded, texts: Encoded, batch: Mapping[str, Tensor], context: TrainingContext
+    ) -> dict[str, Tensor]:
+        """The terms of `loss.terms` (itmatch.losses) on a batch's encodings, caption j's image
+        being image j: what a model adds its own terms to."""
+        from itmatch.losses import batch_scores, embedding_terms, triplet_term
+
+        terms = {}
+        if "triplet" in context.loss.terms:
+            terms["triplet"] = triplet_term(batch_scores(self, images, texts, context), batch, context)
+        if self.embedding_key is None:
+            return terms
+        return terms | embedding_terms(images, texts, self.embedding_key, self.loss_heads, batch, context)
+
+    def attach_loss_heads(self, config: LossConfig) -> None:
+        """Builds the parameters the run's shared loss terms own (the identity classifier), sized
+        by `model.embed_size`; terms on one vector per item refuse a model that has none."""
+        from itmatch.losses import VECTOR_TERMS, loss_heads
+
+        needs_vectors = sorted(set(config.terms) & set(VECTOR_TERMS))
+        if needs_vectors and self.embedding_key is None:
+            raise ConfigError(
+                f"loss.terms {', '.join(needs_vectors)} need one vector per item; {self.architecture} has none"
+            )
+        self.loss_heads = loss_heads(config, getattr(self.config, "embed_size", None))
 
     def adversary_parameters(self) -> list[nn.Parameter]:
         """Parameters trained by a second optimizer on `adversary_losses`, in alternation with
@@ -236,6 +262,12 @@ class Matcher(nn.Module):
     def pair_scores(self, images: dict[str, Tensor], texts: dict[str, Tensor]) -> Tensor:
         """Scores of pairs whose leading axes broadcast (see CrossAttentionMatcher)."""
         raise NotImplementedError
+
+    def transductive_scores(self, images: Encoded, texts: Encoded) -> Tensor:
+        """The (n_images, n_captions) scores of a model whose score of a pair depends on every
+        other image and caption given (the whole gallery and its queries): a post-hoc stage
+        reported apart from the model's own, inductive, score (`evaluate_split(transductive=True)`)."""
+        raise InputError(f"{self.architecture} has no transductive score: it scores each pair alone")
 
     def bytes_per_pair(self, n_regions: int, n_words: int) -> int:
         """An estimate of the working memory one pair needs inside `pair_scores`."""

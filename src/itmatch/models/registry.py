@@ -110,9 +110,9 @@ def create_model(architecture: str, model_config):
 
 
 def build_model(run_config):
-    """The untrained model of a RunConfig (with its image backbone, if any), remembering the
-    config it was built from. Settings no layer accepts (a size of 0, a dropout above 1) are a
-    ConfigError with torch's reason."""
+    """The untrained model of a RunConfig (with its image backbone and the parameters of its loss
+    terms, if any), remembering the config it was built from. Settings no layer accepts (a size
+    of 0, a dropout above 1) are a ConfigError with torch's reason."""
     try:
         model = create_model(run_config.architecture, run_config.model)
         if run_config.backbone is not None:
@@ -120,5 +120,6 @@ def build_model(run_config):
     except (ValueError, RuntimeError, ZeroDivisionError) as error:
         reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
         raise ConfigError(f"the settings of {run_config.preset} do not make a model: {reason}") from None
+    model.attach_loss_heads(run_config.loss)
     model.run_config = run_config
     return model
