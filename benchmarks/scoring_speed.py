@@ -103,15 +103,21 @@ def speed(args, device: torch.device) -> None:
     }
     with torch.no_grad():
         timings = timed_rounds(functions, args.repeats)
-    encoding_seconds, (reference, _, reference_seconds) = timings["encoding"][2], timings["reference"]
     pairs = args.images * args.captions
     print(
         f"{device.type}, {args.images} images x {args.captions} captions ({pairs:,} pairs) of "
         f"{args.lengths[0]}-{args.lengths[1]} words, {torch.get_num_threads()} threads, "
         f"best of {args.repeats} interleaved rounds"
     )
-    print(f"encoding images and captions (both scorers need it): {encoding_seconds:.2f} s")
     print(f"precision auto chooses {calibration(device).describe()}")
+    print_comparison(timings, variants, pairs, per_image)
+
+
+def print_comparison(timings: dict, variants: list[tuple[str, bool]], pairs: int, per_image: int) -> None:
+    """The encoding time, the reference's pairs/s, and each engine variant's pairs/s, ratios,
+    largest score difference and whether its R@1/5/10 equal the reference's."""
+    encoding_seconds, (reference, _, reference_seconds) = timings["encoding"][2], timings["reference"]
+    print(f"encoding images and captions (both scorers need it): {encoding_seconds:.2f} s")
     print(f"reference (official structure, fp32): {pairs / reference_seconds:,.0f} pairs/s")
     reference_recalls = recalls(reference, per_image)
     for precision, compile in variants:

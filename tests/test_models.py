@@ -23,7 +23,8 @@ def small_model(preset: str):
     """The preset at small sizes: every size field its config has is shrunk."""
     config = build_run_config(preset)
     fields = {f.name for f in dataclasses.fields(config.model)}
-    sizes = {key: value for key, value in {**SMALL, "sim_dim": 8, "n_regions": N_REGIONS}.items() if key in fields}
+    shrunk = {**SMALL, "sim_dim": 8, "n_regions": N_REGIONS, "blocks": 4}
+    sizes = {key: value for key, value in shrunk.items() if key in fields}
     torch.manual_seed(0)
     return create_model(config.architecture, build_run_config(preset, {"model": sizes}).model)
 
@@ -37,6 +38,20 @@ def inputs(n_images=4, n_captions=6, seed=0):
     return features, tokens, lengths, adjacency
 
 
+def image_extras(adjacency):
+    """The image inputs besides the features that some model reads: the region graph, and boxes
+    and image sizes (w, h) in pixels."""
+    n = len(adjacency)
+    corners = torch.arange(N_REGIONS * 2, dtype=torch.float32).view(1, N_REGIONS, 2).expand(n, -1, -1) * 7 % 50
+    boxes = torch.cat([corners, corners + 10 + corners.flip(-1) % 13], dim=-1)
+    return {"region_graph": adjacency, "boxes": boxes, "image_sizes": torch.tensor([[80.0, 60.0]] * n)}
+
+
+def batch_extras(adjacency):
+    extras = image_extras(adjacency)
+    return {"region_graph": adjacency, "boxes": extras["boxes"], "image_size": extras["image_sizes"]}
+
+
 @pytest.fixture(params=preset_names())
 def model(request):
     return small_model(request.param).eval()
@@ -45,7 +60,7 @@ def model(request):
 def test_similarity_shape_and_values(model):
     features, tokens, lengths, adjacency = inputs()
     with torch.no_grad():
-        sims = model.similarity(features, tokens, lengths, region_graph=adjacency)
+        sims = model.similarity(features, tokens, lengths, **image_extras(adjacency))
     assert sims.shape == (4, 6) and torch.isfinite(sims).all()
 
 
@@ -53,7 +68,7 @@ def test_score_equals_pair_by_pair_scoring(model):
     features, tokens, lengths, adjacency = inputs()
     with torch.no_grad():
         images, texts = (
-            model.encode_image_batch({"features": features, "region_graph": adjacency}),
+            model.encode_image_batch({"features": features, **batch_extras(adjacency)}),
             model.encode_texts(tokens, lengths),
         )
         batched = score_grid(model, images, texts)
@@ -74,15 +89,15 @@ def test_extra_padding_and_caption_order_change_nothing(model):
     padded = torch.nn.functional.pad(tokens, (0, 5))
     order = torch.randperm(6, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        reference = model.similarity(features, tokens, lengths, region_graph=adjacency)
-        other = model.similarity(features, padded[order], lengths[order], region_graph=adjacency)
+        reference = model.similarity(features, tokens, lengths, **image_extras(adjacency))
+        other = model.similarity(features, padded[order], lengths[order], **image_extras(adjacency))
     torch.testing.assert_close(other, reference[:, order], atol=1e-5, rtol=0)
 
 
 def test_training_gradients_are_finite_with_padded_captions(model):
     model.train()
     features, tokens, lengths, adjacency = inputs(n_images=6, n_captions=6)
-    scores = model.similarity(features, tokens, lengths, region_graph=adjacency)
+    scores = model.similarity(features, tokens, lengths, **image_extras(adjacency))
     triplet_ranking_loss(scores, build_run_config("vsepp").loss).backward()
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     assert grads and all(torch.isfinite(g).all() for g in grads)
@@ -111,7 +126,7 @@ def test_embedding_model_scores_by_dot_product():
 def test_bad_inputs_are_explained(model, change, message):
     features, tokens, lengths, adjacency = change(*inputs())
     with pytest.raises(InputError, match=message):
-        model.similarity(features, tokens, lengths, region_graph=adjacency)
+        model.similarity(features, tokens, lengths, **image_extras(adjacency))
 
 
 def test_cmcan_needs_the_region_graph_or_boxes():
@@ -164,7 +179,7 @@ def test_scoring_a_list_of_pairs_gives_the_grid_entries(model):
     )
     with torch.no_grad():
         images, texts = (
-            model.encode_image_batch({"features": features, "region_graph": adjacency}),
+            model.encode_image_batch({"features": features, **batch_extras(adjacency)}),
             model.encode_texts(tokens, lengths),
         )
         grid = score_grid(model, images, texts)
@@ -178,8 +193,8 @@ def test_scoring_a_list_of_pairs_gives_the_grid_entries(model):
 def test_reduced_precision_scores_stay_close(model, precision):
     features, tokens, lengths, adjacency = inputs()
     with torch.no_grad():
-        exact = model.similarity(features, tokens, lengths, region_graph=adjacency)
-        reduced = model.similarity(features, tokens, lengths, region_graph=adjacency, precision=precision)
+        exact = model.similarity(features, tokens, lengths, **image_extras(adjacency))
+        reduced = model.similarity(features, tokens, lengths, **image_extras(adjacency), precision=precision)
     assert reduced.dtype == torch.float32
     torch.testing.assert_close(reduced, exact, atol=0.05, rtol=0.05)
 
@@ -187,7 +202,7 @@ def test_reduced_precision_scores_stay_close(model, precision):
 def test_unknown_precision_is_refused(model):
     features, tokens, lengths, adjacency = inputs()
     with pytest.raises(InputError, match="precision"):
-        model.similarity(features, tokens, lengths, region_graph=adjacency, precision="fp8")
+        model.similarity(features, tokens, lengths, **image_extras(adjacency), precision="fp8")
 
 
 def test_compiled_scoring_equals_eager():
@@ -196,7 +211,7 @@ def test_compiled_scoring_equals_eager():
     pairs = torch.tensor([0, 4, 2, 2]), torch.tensor([6, 0, 3, 5])
     with torch.no_grad():
         images, texts = (
-            model.encode_image_batch({"features": features, "region_graph": adjacency}),
+            model.encode_image_batch({"features": features, **batch_extras(adjacency)}),
             model.encode_texts(tokens, lengths),
         )
         eager = score_grid(model, images, texts, ScoringOptions(memory_budget=1 << 14))  # several tiles
@@ -212,5 +227,5 @@ def test_low_precision_scores_are_not_rounded_to_the_low_precision_type(preset):
     model = small_model(preset).eval()
     features, tokens, lengths, adjacency = inputs()
     with torch.no_grad():
-        scores = model.similarity(features, tokens, lengths, region_graph=adjacency, precision="bf16")
+        scores = model.similarity(features, tokens, lengths, **image_extras(adjacency), precision="bf16")
     assert (scores != scores.bfloat16().float()).any()

@@ -199,6 +199,12 @@ def _add_data_commands(commands) -> None:
     )
     butd.add_argument("--quiet", action="store_true", help="no progress bars")
 
+    parse = commands.add_parser("parse", help="dependency arcs of captions ({split}_caps.json)")
+    parse.add_argument("data", type=Path, help="precomp folder or raw-image source")
+    parse.add_argument("--split", nargs="+", help="default: every split of the data")
+    parse.add_argument("--corenlp", type=Path, help="CoreNLP JSON output of one split's captions, instead of spaCy")
+    parse.add_argument("--force", action="store_true", help="parse again when the split already has its file")
+
     commands.add_parser("models", help="list the presets")
 
 
@@ -409,12 +415,37 @@ def run_import_butd(args) -> None:
     import_butd(args.tsv, args.out, args.split, captions, args.regions, progress=not args.quiet)
 
 
+def run_parse(args) -> None:
+    from itmatch.data import dependencies
+    from itmatch.data.sources import split_captions, split_names
+
+    splits = args.split or split_names(args.data)
+    if args.corenlp is not None and len(splits) != 1:
+        raise ItmatchError(f"--corenlp {args.corenlp} holds one split's captions: choose it with --split")
+    folder = args.data if args.data.is_dir() else args.data.parent
+    parser = None
+    for split in splits:
+        captions = split_captions(args.data, split)
+        existing = dependencies.find_dependency_file(folder, split)
+        if existing is not None and not args.force:
+            dependencies.read_dependency_file(existing, len(captions))  # checks it
+            print(f"{existing}: arcs of {len(captions):,} captions, kept (--force parses again)")
+            continue
+        if parser is None:
+            parser = dependencies.CoreNLPOutput(args.corenlp) if args.corenlp else dependencies.SpacyParser()
+        parsed = dependencies.parse_captions(captions, parser)
+        path = dependencies.write_dependency_file(folder, split, parsed.arcs)
+        print(f"wrote {path}: arcs of {len(captions):,} captions, {len(parsed.fallbacks)} given the chain graph")
+        for index, reason in parsed.fallbacks[:MAX_SKIPS_SHOWN]:
+            print(f"  caption {index} ({reason}): {captions[index]!r}", file=sys.stderr)
+
+
 def run_models(args) -> None:
     from itmatch.config import load_preset, preset_names
 
     for name in preset_names():
         preset = load_preset(name)
-        print(f"{name:18s} {preset['architecture']:8s} {preset.get('description', '')}")
+        print(f"{name:20s} {preset['architecture']:8s} {preset.get('description', '')}")
 
 
 def run_index(args) -> None:
@@ -474,6 +505,7 @@ COMMANDS = {
     "make-synthetic": run_make_synthetic,
     "extract": run_extract,
     "import-butd": run_import_butd,
+    "parse": run_parse,
     "models": run_models,
     "index": run_index,
     "search": run_search,

@@ -64,7 +64,9 @@ class TrainingContext:
             some = tensors[next(iter(encoded.padded))]
             length = max_over_processes(some.shape[1], some.device)
             tensors = {k: pad_axis(v, 1, length) if k in encoded.padded else v for k, v in tensors.items()}
-        return Encoded({key: self.gather(value) for key, value in tensors.items()}, encoded.padded)
+            tensors = {k: pad_axis(v, 2, length) if k in encoded.square else v for k, v in tensors.items()}
+        gathered = {key: self.gather(value) for key, value in tensors.items()}
+        return Encoded(gathered, encoded.padded, encoded.square)
 
     @property
     def negatives(self) -> str:

@@ -33,8 +33,10 @@ _SENTENCES = _sentence_splitter()
 _WORDS = NLTKWordTokenizer()
 
 
-def tokenize(caption: str) -> list[str]:
-    """Lowercase, split sentences the way Punkt would, and Treebank-tokenise each one."""
+def tokenize(caption: str, lowercase: bool = True) -> list[str]:
+    """Lowercase, split sentences the way Punkt would, and Treebank-tokenise each one
+    (`lowercase=False`: the same steps on the caption's own case, for a parser)."""
     if not isinstance(caption, str):
         raise TypeError(f"tokenize() takes str, not {type(caption).__name__}")
-    return [token for sentence in _SENTENCES.tokenize(caption.lower()) for token in _WORDS.tokenize(sentence)]
+    text = caption.lower() if lowercase else caption
+    return [token for sentence in _SENTENCES.tokenize(text) for token in _WORDS.tokenize(sentence)]

@@ -28,11 +28,13 @@ class Encoded:
     """Per-item tensors of one modality, the item axis first.
 
     Text encodings keep their words padded: keys in `padded` have the word axis second, and
-    `mask` (items, words) tells which positions are real words.
+    `mask` (items, words) tells which positions are real words. Keys in `square` (a subset of
+    `padded`) are word-by-word matrices: their third axis is a word axis too.
     """
 
     tensors: dict[str, Tensor]
     padded: frozenset[str] = frozenset()
+    square: frozenset[str] = frozenset()
 
     def __len__(self) -> int:
         return next(iter(self.tensors.values())).shape[0]
@@ -49,28 +51,31 @@ class Encoded:
         if "mask" in picked and self.padded:
             length = max(int(picked["mask"].sum(1).max().item()), 1) if len(picked["mask"]) else 1
             for key in self.padded:
-                picked[key] = picked[key][:, :length]
-        return Encoded(picked, self.padded)
+                picked[key] = picked[key][:, :length, :length] if key in self.square else picked[key][:, :length]
+        return Encoded(picked, self.padded, self.square)
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Encoded:
         """On `device`, with floating-point tensors in `dtype` (masks keep theirs)."""
         return Encoded(
             {k: v.to(device, dtype if v.is_floating_point() else None) for k, v in self.tensors.items()},
             self.padded,
+            self.square,
         )
 
     @staticmethod
     def cat(parts: list[Encoded]) -> Encoded:
         """Concatenates encodings of consecutive batches, padding the word axis to the longest."""
-        padded = parts[0].padded
+        padded, square = parts[0].padded, parts[0].square
         out = {}
         for key in parts[0].tensors:
             values = [p.tensors[key] for p in parts]
             if key in padded:
                 length = max(v.shape[1] for v in values)
                 values = [pad_axis(v, 1, length) for v in values]
+                if key in square:
+                    values = [pad_axis(v, 2, length) for v in values]
             out[key] = torch.cat(values)
-        return Encoded(out, padded)
+        return Encoded(out, padded, square)
 
 
 def word_mask(lengths: Tensor, max_length: int) -> Tensor:

@@ -345,11 +345,12 @@ def _sha256(path: Path) -> str:
 
 
 def _encode_encoded(encoded: Encoded) -> dict:
-    return {"tensors": {key: value.cpu() for key, value in encoded.tensors.items()}, "padded": sorted(encoded.padded)}
+    tensors = {key: value.cpu() for key, value in encoded.tensors.items()}
+    return {"tensors": tensors, "padded": sorted(encoded.padded), "square": sorted(encoded.square)}
 
 
 def _decode_encoded(stored: dict) -> Encoded:
-    return Encoded(stored["tensors"], frozenset(stored["padded"]))
+    return Encoded(stored["tensors"], frozenset(stored["padded"]), frozenset(stored.get("square", ())))
 
 
 def _faiss_index(data: Tensor) -> faiss.Index:
