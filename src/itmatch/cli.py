@@ -421,11 +421,11 @@ def run_index(args) -> None:
     spec = _first_stage_spec(args)
     if args.data is None:
         if args.remove is None and spec is None:
-            raise InputError(
-                "index: give --data (with a checkpoint) to add images, --remove IDS or --first-stage-index"
-            )
+            raise InputError("give --data (and a checkpoint) to add images, --remove IDS or --first-stage-index")
         index, removed = edit_index(args.out, _ids_to_remove(args.remove), spec)
-        print(f"removed {removed:,} images from {args.out} ({len(index.removed):,} of {index.n_images:,} removed)")
+        print(f"{args.out}: first stage {index.spec.kind}, {index.n_images:,} images")
+        if args.remove is not None:
+            print(f"removed {removed:,} images ({len(index.removed):,} of {index.n_images:,} removed)")
         return
     if args.checkpoint is None:
         raise InputError("index --data: give the checkpoint to encode the images with")

@@ -82,9 +82,10 @@ def new_faiss_index(spec: FirstStageSpec, sample: np.ndarray) -> faiss.Index:
     return index
 
 
-def read_faiss_index(path: Path, writable: bool) -> faiss.Index:
-    """A faiss index file; for serving, its lists or vectors are memory-mapped, not read."""
-    flags = 0 if writable else faiss.IO_FLAG_MMAP | faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY
+def read_faiss_index(path: Path, spec: FirstStageSpec, writable: bool) -> faiss.Index:
+    """A faiss index file; for serving, IVF lists or HNSW vectors are memory-mapped, not read."""
+    serving = faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY if spec.kind == "ivf" else faiss.IO_FLAG_MMAP_IFC
+    flags = 0 if writable else serving
     try:
         return faiss.read_index(str(path), flags)
     except RuntimeError as error:

@@ -98,7 +98,9 @@ class SearchIndex:
         self._open_arrays(manifest["counts"])
         self.removed = self._read_removed(manifest["removed"])
         files = manifest["first_stage"]["files"]
-        self.faiss = {side: read_faiss_index(folder / name, writable) for side, name in files.items() if name}
+        self.faiss = {
+            side: read_faiss_index(folder / name, self.spec, writable) for side, name in files.items() if name
+        }
         self._stage_files, self._changed = dict(files), set()
 
     def _open_arrays(self, counts: dict) -> None:
