@@ -197,6 +197,11 @@ class SearchIndex:
         columns = ((start, store.column(key, slice(start, start + size))) for start in range(0, len(store), size))
         return exhaustive_search(columns, queries, k, excluded)
 
+    def as_stored(self, encoded: Encoded) -> Encoded:
+        """`encoded` rounded as the index stores encodings (a photo query then scores as if indexed)."""
+        stored = getattr(torch, self.storage)
+        return encoded.to(dtype=stored).to(dtype=torch.float32)
+
     def photo_reader(self, weights: str | Path | None = None) -> PhotoReader:
         """How this index's model reads photos (`weights`: the extraction's weights file, when it moved)."""
         return PhotoReader(self.model, self.extraction, self.folder / MODEL_FILE, weights)

@@ -72,7 +72,7 @@ def search_by_photo(
     """The k indexed captions that best describe a photo file, read as the indexed photos were."""
     _check_k(k, rerank_k)
     _check_has_captions(index)
-    query = index.photo_reader(weights).encode(open_photos([Path(photo)]), [0], progress=False)
+    query = index.as_stored(index.photo_reader(weights).encode(open_photos([Path(photo)]), [0], progress=False))
     return {"photo": str(photo), "k": k, "rerank_k": rerank_k, "results": _best_captions(index, query, k, rerank_k)}
 
 
