@@ -31,6 +31,7 @@ from itmatch.checkpoint import model_from_payload, read_checkpoint
 from itmatch.data.pictures import picture_reader
 from itmatch.data.precomp import PrecompSplit, read_captions
 from itmatch.data.raw import RawImageSplit
+from itmatch.data.shards import photo_at
 from itmatch.data.sources import default_split, holds_photos, open_split
 from itmatch.device import default_device
 from itmatch.errors import CheckpointError, DataError, InputError
@@ -604,7 +605,7 @@ def _write_pictures(part: Gallery, index: SearchIndex, progress, fallback=None) 
     """Each new image's picture: its photo reduced, else `fallback(its number in part)`."""
     first = index.n_images
     for offset, image in enumerate(tqdm(part.images, desc="draw pictures", disable=not progress, leave=False)):
-        picture = read_photo(Path(image["path"])) if image["path"] is not None else fallback(offset)
+        picture = read_photo(photo_at(image["path"])) if image["path"] is not None else fallback(offset)
         save_picture(picture, index.picture_path(first + offset))
 
 
