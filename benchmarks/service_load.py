@@ -124,7 +124,7 @@ def main() -> None:
     checkpoint = args.checkpoint or untrained_checkpoint(data, args.out / "cmcan-untrained.pt")
     index_dir = args.out / f"index-{checkpoint.stem}"
     index, _ = build_index(checkpoint, data, "test", index_dir)
-    captions = index.gallery.captions
+    captions = index.captions.all()
     server, base = start_server(index_dir, args.rerank_k)
     try:
         paths = request_paths(captions, index.n_images, args.requests)

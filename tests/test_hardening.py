@@ -336,19 +336,36 @@ def test_malformed_official_checkpoints_are_one_line(damage, message, tmp_path, 
     one_line_error(capsys, str(path), message)
 
 
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[:-10])
+
+
 @pytest.mark.parametrize(
     "damage, message",
     [
-        (lambda p: p.pop("captions"), "index.pt: is damaged: no captions"),
-        (lambda p: p["first_stage"].update(images=torch.zeros(10, dtype=torch.uint8)), "index.pt: is damaged"),
+        (lambda f: (f / "manifest.json").write_text("{not json"), "manifest.json: is not a readable manifest"),
+        (lambda f: _edit_manifest(f, lambda m: m.pop("counts")), "manifest.json: is damaged: no counts"),
+        (lambda f: _edit_manifest(f, lambda m: m["counts"].update(images="six")), "manifest.json: is damaged"),
+        (lambda f: _edit_manifest(f, lambda m: m.update(version=7)), "index format version 7 is not supported"),
+        (lambda f: _truncate(f / "images.vector.bin"), "images.vector.bin: holds"),
+        (lambda f: (f / "captions.txt").unlink(), "captions.txt: is missing"),
+        (
+            lambda f: _edit_manifest(f, lambda m: m["schema"]["images"]["keys"]["vector"].update(dtype="object")),
+            "unsupported layout",
+        ),
+        (lambda f: (f / "manifest.json").rename(f / "index.pt"), "index.pt: is an index of itmatch's previous format"),
     ],
 )
 def test_a_corrupt_index_is_one_line(damage, message, index_copy, capsys):
-    payload = torch.load(index_copy / "index.pt", weights_only=True)
-    damage(payload)
-    torch.save(payload, index_copy / "index.pt")
+    damage(index_copy)
     assert itmatch(f"search {index_copy} a_dog") == 2
     one_line_error(capsys, message)
+
+
+def _edit_manifest(folder: Path, edit) -> None:
+    manifest = json.loads((folder / "manifest.json").read_text())
+    edit(manifest)
+    (folder / "manifest.json").write_text(json.dumps(manifest))
 
 
 def test_a_decompression_bomb_photo_is_one_line(index, gallery, tmp_path, monkeypatch, capsys):

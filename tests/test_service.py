@@ -63,13 +63,14 @@ def vsepp_client(data, checkpoints, tmp_path_factory):
 
 
 def test_index_holds_encodings_captions_first_stage_and_pictures(cmcan_index, data):
-    gallery = cmcan_index.gallery
-    assert cmcan_index.n_images == 24 and len(gallery.captions) == 120
-    assert gallery.captions[:5] == (data / "test_caps.txt").read_text().splitlines()[:5]
-    assert gallery.caption_image.tolist() == [i // 5 for i in range(120)]
-    assert len(gallery.encoded_images) == 24 and len(gallery.encoded_texts) == 120
-    assert {name: index.ntotal for name, index in cmcan_index.first_stage.items()} == {"images": 24, "captions": 120}
-    assert gallery.boxes.shape == (24, 8, 4) and 0 <= gallery.boxes.min() and gallery.boxes.max() <= 1
+    index = cmcan_index
+    assert index.n_images == 24 and index.n_captions == 120
+    assert index.captions.all()[:5] == (data / "test_caps.txt").read_text().splitlines()[:5]
+    assert index.caption_images(np.arange(120)).tolist() == [i // 5 for i in range(120)]
+    assert len(index.images) == 24 and len(index.texts) == 120
+    assert index.spec.kind == "flat" and index.faiss == {}  # exact first stage over the stored vectors
+    boxes = np.asarray(index.boxes.view)
+    assert boxes.shape == (24, 8, 4) and 0 <= boxes.min() and boxes.max() <= 1
     assert all(cmcan_index.picture_path(i).is_file() for i in range(24))
 
 
@@ -118,15 +119,15 @@ def test_reindexing_encodes_only_the_new_images(data, checkpoints, tmp_path, mon
     assert "added 0 images" in capsys.readouterr().out
     grown = SearchIndex.open(folder, "cpu")
     assert grown.n_images == 36 and len(grown.sources) == 2
-    assert torch.equal(grown.gallery.encoded_images["regions"][:10], first.gallery.encoded_images["regions"])
-    assert [image["id"] for image in grown.gallery.images][8:12] == ["8", "9", "10", "11"]
-    assert grown.gallery.caption_image[-1] == 35 and grown.first_stage["images"].ntotal == 36
+    assert torch.equal(grown.images.select(slice(0, 10))["regions"], first.images.select(slice(None))["regions"])
+    assert grown.ids.all()[8:12] == ["8", "9", "10", "11"]
+    assert grown.caption_images(np.array([179])).tolist() == [35]
 
 
 def test_an_index_takes_one_checkpoint_only(cmcan_index, checkpoints, data, capsys):
     assert itmatch("index", checkpoints["vsepp"], "--data", data, "--out", cmcan_index.folder, "--quiet") == 2
     error = capsys.readouterr().err
-    assert f"{cmcan_index.folder / 'index.pt'}: was built with another checkpoint" in error
+    assert f"{cmcan_index.folder / 'manifest.json'}: was built with another checkpoint" in error
 
 
 def test_bad_inputs_name_the_file(checkpoints, data, tmp_path, capsys):
@@ -147,7 +148,7 @@ def test_bad_inputs_name_the_file(checkpoints, data, tmp_path, capsys):
     assert "missing.pt: no such file" in capsys.readouterr().err
 
     assert itmatch("search", tmp_path / "d", "a dog") == 2
-    assert f"{tmp_path / 'd' / 'index.pt'}: no such file" in capsys.readouterr().err
+    assert f"{tmp_path / 'd' / 'manifest.json'}: no such file" in capsys.readouterr().err
 
 
 def test_photos_listed_in_paths_file_are_shown(checkpoints, data, tmp_path, capsys):
@@ -161,7 +162,7 @@ def test_photos_listed_in_paths_file_are_shown(checkpoints, data, tmp_path, caps
     folder = tmp_path / "index"
     assert itmatch("index", checkpoints["vsepp"], "--data", gallery, "--out", folder, "--quiet") == 0
     index = SearchIndex.open(folder, "cpu")
-    assert index.gallery.images[1]["path"] == str((gallery / "photo1.png").resolve())
+    assert index.image(1)["path"] == str((gallery / "photo1.png").resolve())
     for number, colour in enumerate(colours):
         picture = Image.open(index.picture_path(number))
         assert picture.size == (384, 192)
@@ -192,16 +193,16 @@ def test_search_command_by_text_and_by_image(cmcan_index, capsys):
 
 @torch.no_grad()
 def test_scores_are_the_model_scores_and_rerank_over_everything_is_exhaustive(cmcan_index):
-    model, gallery = cmcan_index.model, cmcan_index.gallery
+    model, images = cmcan_index.model, cmcan_index.images.select(slice(None))
     exhaustive = search_by_text(cmcan_index, QUERY, 5)
     tokens, lengths = model.vocab.encode_batch([QUERY])
-    expected = score_grid(model, gallery.encoded_images, model.encode_texts(tokens, lengths))[:, 0]
+    expected = score_grid(model, images, model.encode_texts(tokens, lengths))[:, 0]
     assert [r["image"] for r in exhaustive["results"]] == expected.argsort(descending=True)[:5].tolist()
     assert search_by_text(cmcan_index, QUERY, 5, rerank_k=24)["results"] == exhaustive["results"]
     reranked = search_by_text(cmcan_index, QUERY, 5, rerank_k=3)["results"]
     assert len(reranked) == 3 and {r["image"] for r in reranked} <= set(range(24))
     by_image = search_by_image(cmcan_index, 7, 4)["results"]
-    assert all(r["text"] == gallery.captions[r["caption"]] for r in by_image)
+    assert all(r["text"] == cmcan_index.captions[r["caption"]] for r in by_image)
 
     def found(results):  # a caption may repeat another: equal scores, in either order
         return sorted((r["rank"], r["text"], r["image"], r["score"]) for r in results)
@@ -211,8 +212,8 @@ def test_scores_are_the_model_scores_and_rerank_over_everything_is_exhaustive(cm
 
 @torch.no_grad()
 def test_cmcan_explains_pairs_with_the_scores_it_gives(cmcan_index):
-    model, gallery = cmcan_index.model, cmcan_index.gallery
-    images, texts = gallery.encoded_images.select(slice(0, 3)), gallery.encoded_texts.select(slice(0, 3))
+    model = cmcan_index.model
+    images, texts = cmcan_index.images.select(slice(0, 3)), cmcan_index.texts.select(slice(0, 3))
     explained = model.explain(images, texts)
     pairs = torch.arange(3)
     torch.testing.assert_close(explained["score"], score_pairs(model, images, texts, pairs, pairs))
@@ -231,7 +232,7 @@ def test_explanation_of_a_match(cmcan_index):
     assert explained["words"][2] == {"word": "zebra", "known": False, "attention": explained["words"][2]["attention"]}
     assert all(len(w["attention"]) == 8 and abs(sum(w["attention"]) - 1) < 1e-3 for w in explained["words"])
     assert len(explained["regions"]) == 8
-    box = cmcan_index.gallery.boxes[3, 0].tolist()
+    box = cmcan_index.boxes.view[3, 0].tolist()
     assert explained["regions"][0]["box"] == pytest.approx(box, abs=1e-4)
     score = search_by_text(cmcan_index, text, 24)["results"]
     assert explained["score"] == pytest.approx(next(r["score"] for r in score if r["image"] == 3), abs=1e-4)
@@ -252,6 +253,8 @@ def test_page_and_info(client):
         "preset": "cmcan-official",
         "explains": True,
         "first_stage": True,
+        "first_stage_index": "flat",
+        "removed": 0,
         "default_rerank_k": None,
         "limits": {"max_text_length": MAX_TEXT_LENGTH, "max_k": MAX_K, "max_rerank_k": MAX_RERANK_K},
     }
@@ -278,7 +281,7 @@ def test_an_image_is_described_by_its_id_and_own_captions(client, cmcan_index, d
     captions = (data / "test_caps.txt").read_text().splitlines()[15:20]
     assert described == {
         "image": 3,
-        "id": cmcan_index.gallery.images[3]["id"],
+        "id": cmcan_index.ids[3],
         "name": described["id"],
         "captions": captions,
     }
@@ -302,7 +305,8 @@ def test_thumbnails_are_the_index_pictures(client, cmcan_index):
         "/api/images/0/..%2F..%2Fmodel.pt",
         "/api/images/%2E%2E/%2E%2E/model.pt",
         "/model.pt",
-        "/index.pt",
+        "/manifest.json",
+        "/images.regions.bin",
         "/pictures/0.jpg",
     ],
 )

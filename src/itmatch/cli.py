@@ -208,13 +208,31 @@ def _add_data_commands(commands) -> None:
     commands.add_parser("models", help="list the presets")
 
 
+MEMORY_HELP = "working memory of a chunk of encodings, in MB (default 256)"
+
+
+def _add_first_stage_options(parser) -> None:
+    """--first-stage-index and its parameters (itmatch.service.first_stage)."""
+    group = parser.add_argument_group("first stage (changing it rebuilds it from the stored vectors)")
+    group.add_argument("--first-stage-index", choices=["flat", "ivf", "hnsw"], help="default: flat (exact)")
+    for name, default, what in [
+        ("nlist", 1024, "IVF clusters"),
+        ("nprobe", 16, "IVF clusters searched"),
+        ("hnsw-m", 32, "HNSW links per node"),
+        ("ef-construction", 80, "HNSW build breadth"),
+        ("ef-search", 64, "HNSW search breadth"),
+        ("train-sample", 65536, "vectors IVF's k-means trains on"),
+    ]:
+        group.add_argument(f"--{name}", type=positive_int, default=default, help=f"{what} (default {default})")
+    group.add_argument("--ivf-codes", default="Flat", help="IVF vectors: Flat, SQ8 or PQm (default Flat)")
+
+
 def _add_search_commands(commands) -> None:
     """The subcommands index, search and serve."""
     index = commands.add_parser("index", help="index a split's images for search (adds the ones not indexed yet)")
-    index.add_argument("checkpoint", type=Path)
+    index.add_argument("checkpoint", type=Path, nargs="?", help="the model (not needed with --remove alone)")
     index.add_argument(
         "--data",
-        required=True,
         type=Path,
         help="precomp folder, photos with captions (captions.csv, a .csv, a dataset_*.json) or a folder of photos",
     )
@@ -222,6 +240,10 @@ def _add_search_commands(commands) -> None:
     index.add_argument("--split", help="default: test, or the data's only split (a folder of photos: all)")
     index.add_argument("--weights", type=Path, help=WEIGHTS_HELP)
     index.add_argument("--batch-size", type=positive_int, default=128)
+    index.add_argument("--storage", choices=["float16", "float32"], help="encodings on disk (new index; float16)")
+    index.add_argument("--memory-mb", type=positive_int, default=256, help=MEMORY_HELP)
+    index.add_argument("--remove", metavar="IDS", help="comma-separated image ids (or @FILE, one a line) to remove")
+    _add_first_stage_options(index)
     index.add_argument("--quiet", action="store_true", help="no progress bars")
 
     search = commands.add_parser("search", help="search an index by text, or by one of its images")
@@ -237,12 +259,14 @@ def _add_search_commands(commands) -> None:
     search.add_argument("-k", type=positive_int, default=10, help="number of results")
     search.add_argument("--rerank-k", type=positive_int, metavar="K", help="score only the faiss first stage's top K")
     search.add_argument("--json", action="store_true", help="print the results as JSON")
+    search.add_argument("--memory-mb", type=positive_int, default=256, help=MEMORY_HELP)
 
     serve = commands.add_parser("serve", help="the search web page and JSON API of an index")
     serve.add_argument("index", type=Path)
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=port, default=8000)
     serve.add_argument("--rerank-k", type=positive_int, metavar="K", help="default for searches: score the top K only")
+    serve.add_argument("--memory-mb", type=positive_int, default=256, help=MEMORY_HELP)
     serve.add_argument(
         "--allow-host",
         action="append",
@@ -449,14 +473,54 @@ def run_models(args) -> None:
 
 
 def run_index(args) -> None:
-    from itmatch.service.index import build_index
+    from itmatch.service.index import IndexSettings, build_index, edit_index
 
-    index, added = build_index(
-        args.checkpoint, args.data, args.split, args.out, args.batch_size, not args.quiet, weights=args.weights
-    )
+    spec = _first_stage_spec(args)
+    if args.data is None:
+        if args.remove is None and spec is None:
+            raise InputError("give --data (and a checkpoint) to add images, --remove IDS or --first-stage-index")
+        index, removed = edit_index(args.out, _ids_to_remove(args.remove), spec)
+        print(f"{args.out}: first stage {index.spec.kind}, {index.n_images:,} images")
+        if args.remove is not None:
+            print(f"removed {removed:,} images ({len(index.removed):,} of {index.n_images:,} removed)")
+        return
+    if args.checkpoint is None:
+        raise InputError("index --data: give the checkpoint to encode the images with")
+    settings = IndexSettings(args.batch_size, not args.quiet, args.storage, spec, args.memory_mb)
+    index, added = build_index(args.checkpoint, args.data, args.split, args.out, settings, weights=args.weights)
     split = index.sources[-1]["split"] if index.sources else args.split
     print(f"added {added:,} images of {args.data} {split} to {args.out} (now {index.n_images:,} images)")
+    if args.remove is not None:
+        index, removed = edit_index(args.out, _ids_to_remove(args.remove))
+        print(f"removed {removed:,} images from {args.out}")
     print(f"search it with: itmatch serve {args.out}   (then open http://127.0.0.1:8000/)")
+
+
+def _first_stage_spec(args):
+    from itmatch.service.first_stage import FirstStageSpec
+
+    if args.first_stage_index is None:
+        return None
+    names = ("nlist", "nprobe", "hnsw_m", "ef_construction", "ef_search", "train_sample")
+    values = {name: getattr(args, name) for name in names}
+    return FirstStageSpec(kind=args.first_stage_index, codes=args.ivf_codes, **values)
+
+
+def _ids_to_remove(value: str | None) -> list[str] | None:
+    """--remove: comma-separated ids, or @FILE with one id a line."""
+    if value is None:
+        return None
+    if value.startswith("@"):
+        path = Path(value[1:])
+        if not path.is_file():
+            raise InputError(f"--remove {value}: no such file")
+        ids = path.read_text(encoding="utf-8").splitlines()
+    else:
+        ids = value.split(",")
+    ids = [image_id.strip() for image_id in ids if image_id.strip()]
+    if not ids:
+        raise InputError(f"--remove {value!r}: no image ids")
+    return ids
 
 
 def run_search(args) -> None:
@@ -464,7 +528,7 @@ def run_search(args) -> None:
     from itmatch.service.search import search_by_image, search_by_photo, search_by_text
 
     image = None if args.image is None else _image_query(args.image)
-    index = SearchIndex.open(args.index)
+    index = SearchIndex.open(args.index, memory_mb=args.memory_mb)
     if image is None:
         found = search_by_text(index, args.text, args.k, args.rerank_k)
         title = f'top {len(found["results"])} of {index.n_images:,} images for "{args.text}"'
@@ -494,7 +558,7 @@ def _image_query(value: str) -> int | Path:
 def run_serve(args) -> None:
     from itmatch.service.app import serve
 
-    serve(args.index, args.host, args.port, args.rerank_k, args.allow_host)
+    serve(args.index, args.host, args.port, args.rerank_k, args.allow_host, args.memory_mb)
 
 
 COMMANDS = {

@@ -26,7 +26,8 @@ from tqdm.auto import tqdm
 from itmatch.data.datasets import ImageDataset, make_loader
 from itmatch.data.inputs import pixel_reader
 from itmatch.data.precomp import write_split_files
-from itmatch.data.raw import RawImageSplit, RawSource, skip_summary, write_skip_list
+from itmatch.data.raw import RawImageSplit, skip_summary, write_skip_list
+from itmatch.data.sources import photo_source
 from itmatch.device import default_device
 from itmatch.errors import CheckpointError, DataError
 from itmatch.files import ResumableArray, atomic_write, sha256
@@ -50,7 +51,7 @@ def extract(
     log=print,
 ) -> dict[str, int]:
     """Extracts every split of `source` (or `splits`) into OUT; returns the images per split."""
-    raw, out = RawSource(source), Path(out)
+    raw, out = photo_source(source), Path(out)
     if weights is None:
         log(f"no --weights: {backbone} is randomly initialised (its features only test the pipeline)")
     network = extractor(backbone, image_size, weights)

@@ -260,4 +260,4 @@ def write_split_files(
     if captions is not None:
         atomic_write(data_dir / f"{split}_caps.txt", lines(captions))
     if photos is not None:
-        atomic_write(data_dir / f"{split}_paths.txt", lines([str(Path(photo).resolve()) for photo in photos]))
+        atomic_write(data_dir / f"{split}_paths.txt", lines([str(photo.resolve()) for photo in photos]))

@@ -271,12 +271,17 @@ def check_images(paths: list[Path], progress: bool) -> tuple[list, list[str | No
     return sizes, [result if isinstance(result, str) else None for result in results]
 
 
+def photo_file(path):
+    """What Pillow opens for a photo: its file, or (a photo inside a tar shard) its bytes."""
+    return path if isinstance(path, Path) else path.open()
+
+
 def _probe(path: Path) -> tuple[int, int] | str:
     """(width, height) of a decodable image, else why it is not one."""
-    if not path.is_file():
+    if isinstance(path, Path) and not path.is_file():
         return f"{path}: file not found (nor in an images/ folder beside it)"
     try:
-        with Image.open(path) as image:
+        with Image.open(photo_file(path)) as image:
             size = image.size
             image.draft("RGB", (1, 1))  # JPEG: decode at 1/8 scale, which still reads every byte
             image.load()
@@ -352,7 +357,7 @@ class PixelTransform:
 
     def __call__(self, path: Path) -> torch.Tensor:
         try:
-            with Image.open(path) as image:
+            with Image.open(photo_file(path)) as image:
                 # JPEG decodes straight at a reduced scale that still covers the crop.
                 least = self.size / math.sqrt(self.augment.min_crop_area) if self.augment else self.size
                 image.draft("RGB", (math.ceil(least), math.ceil(least)))

@@ -14,12 +14,19 @@ from itmatch.data.photos import SPLIT as PHOTO_SPLIT
 from itmatch.data.photos import is_photo_folder, open_photo_folder
 from itmatch.data.precomp import PrecompSplit, list_splits, read_captions
 from itmatch.data.raw import RawImageSplit, RawSource, source_file
+from itmatch.data.shards import ShardSource, is_shard_source
 from itmatch.errors import DataError, InputError
 
 
 def is_raw(data: str | Path) -> bool:
+    """Photos with captions: a caption file's source, or tar shards (whose captions may be absent)."""
     data = Path(data)
-    return not (data.is_dir() and list_splits(data)) and source_file(data) is not None
+    return not (data.is_dir() and list_splits(data)) and (source_file(data) is not None or is_shard_source(data))
+
+
+def photo_source(data: str | Path) -> RawSource | ShardSource:
+    """The photo source of `data`, with `split_names()` and `open(split, verify_images, progress)`."""
+    return ShardSource(data) if source_file(Path(data)) is None and is_shard_source(data) else RawSource(data)
 
 
 def holds_photos(data: str | Path) -> bool:
@@ -30,7 +37,7 @@ def holds_photos(data: str | Path) -> bool:
 def split_names(data: str | Path) -> list[str]:
     if is_photo_folder(data):
         return [PHOTO_SPLIT]
-    return RawSource(data).split_names() if is_raw(data) else list_splits(data)
+    return photo_source(data).split_names() if is_raw(data) else list_splits(data)
 
 
 def default_split(data: str | Path) -> str:
@@ -54,7 +61,9 @@ def open_split(
         return open_photo_folder(data, split, progress)
     if not is_raw(data):
         return PrecompSplit(data, split, max_captions=max_captions)
-    opened = RawSource(data).open(split, progress=progress)
+    opened = photo_source(data).open(split, progress=progress)
+    if not opened.captions_per_image and not captionless:
+        raise _no_captions(data)
     if max_captions is not None:
         opened.truncate_captions(max_captions)
     return opened
@@ -65,14 +74,15 @@ def split_captions(data: str | Path, split: str) -> list[str]:
     if is_photo_folder(data):
         raise _no_captions(data)
     if is_raw(data):
-        return RawSource(data).open(split, verify_images=False).captions
+        return photo_source(data).open(split, verify_images=False).captions
     return read_captions(Path(data) / f"{split}_caps.txt")
 
 
 def _no_captions(data: str | Path) -> DataError:
     return DataError(
         data,
-        "holds photos without captions (no captions.csv or dataset_*.json): nothing to train or evaluate on",
+        "holds photos without captions (no captions.csv, dataset_*.json or captions in its shards): "
+        "nothing to train or evaluate on",
     )
 
 

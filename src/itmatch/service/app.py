@@ -24,7 +24,7 @@ from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from itmatch.errors import ItmatchError
-from itmatch.service.index import SearchIndex
+from itmatch.service.index import DEFAULT_MEMORY_MB, SearchIndex
 from itmatch.service.search import can_explain, describe_image, explain_match, search_by_image, search_by_text
 
 MAX_TEXT_LENGTH = 300  # characters of a sentence: captions are far shorter
@@ -49,6 +49,8 @@ class IndexInfo(BaseModel):
     preset: str
     explains: bool
     first_stage: bool
+    first_stage_index: str
+    removed: int
     default_rerank_k: int | None
     limits: Limits
 
@@ -165,11 +167,13 @@ def create_app(
         model = index.model
         return {
             "images": index.n_images,
-            "captions": len(index.gallery.captions),
+            "captions": index.n_captions,
             "architecture": model.architecture,
             "preset": model.run_config.preset,
             "explains": can_explain(index),
-            "first_stage": bool(index.first_stage),
+            "first_stage": model.embedding_key is not None,
+            "first_stage_index": index.spec.kind,
+            "removed": len(index.removed),
             "default_rerank_k": default_rerank_k,
             "limits": {"max_text_length": MAX_TEXT_LENGTH, "max_k": MAX_K, "max_rerank_k": MAX_RERANK_K},
         }
@@ -200,7 +204,7 @@ def create_app(
     @app.get("/api/images/{image}/thumbnail", response_class=FileResponse, responses=ERRORS)
     def thumbnail(image: Annotated[int, Path(ge=0, description="image number in the index")]) -> FileResponse:
         """The picture of an indexed image (JPEG, longest side 384 pixels)."""
-        if image >= index.n_images:
+        if image >= index.n_images or index.is_removed(image):
             raise HTTPException(404, f"no image {image} in the index: it has {index.n_images} images")
         return FileResponse(_picture_file(index, image), media_type="image/jpeg")
 
@@ -238,14 +242,19 @@ def allowed_host_names(host: str, extra: list[str]) -> list[str]:
 
 
 def serve(
-    folder, host: str = "127.0.0.1", port: int = 8000, rerank_k: int | None = None, allow_hosts: list[str] = ()
+    folder,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    rerank_k: int | None = None,
+    allow_hosts: list[str] = (),
+    memory_mb: float = DEFAULT_MEMORY_MB,
 ) -> None:
     """Runs the service on an index folder until interrupted."""
     import uvicorn
 
     if rerank_k is not None and not 1 <= rerank_k <= MAX_RERANK_K:
         raise ItmatchError(f"--rerank-k must be 1..{MAX_RERANK_K}, got {rerank_k}")
-    index = SearchIndex.open(folder)
+    index = SearchIndex.open(folder, memory_mb=memory_mb)
     app = create_app(index, rerank_k, allowed_host_names(host, list(allow_hosts)))
     print(f"itmatch search: {index.n_images:,} images; open http://{host}:{port}/ (Ctrl+C stops)", flush=True)
     uvicorn.run(app, host=host, port=port, log_level="warning")

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
+from itmatch.data.raw import photo_file
 from itmatch.errors import DataError
 from itmatch.files import atomic_write
 
@@ -28,7 +29,7 @@ def read_photo(path: Path) -> Image.Image:
         with warnings.catch_warnings():
             # Past Image.MAX_IMAGE_PIXELS Pillow only warns (an error past twice that): refuse both.
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as photo:
+            with Image.open(photo_file(path)) as photo:
                 photo = photo.convert("RGB")
     except FileNotFoundError:
         raise DataError(path, "image file not found") from None

@@ -20,7 +20,8 @@ from itmatch.data.vocab import UNK
 from itmatch.errors import InputError, ItmatchError
 from itmatch.models.abilities import Explains
 from itmatch.models.base import Encoded
-from itmatch.retrieval import embeddings, encode_queries, rerank, search_images, search_texts
+from itmatch.retrieval import embeddings, encode_queries, rerank
+from itmatch.scoring import score_grid
 from itmatch.service.index import SearchIndex
 
 
@@ -38,16 +39,18 @@ def can_explain(index: SearchIndex) -> bool:
 def search_by_text(index: SearchIndex, query: str, k: int = 10, rerank_k: int | None = None) -> dict:
     """The k indexed images that best match a sentence."""
     _check_k(k, rerank_k)
-    model, images = index.model, index.gallery.encoded_images
+    model = index.model
+    texts = encode_queries(model, [query])
     if rerank_k is None:
-        scores, found = search_images(model, images, [query], k)
+        scores, found = _exhaustive(index, "images", lambda images: score_grid(model, images, texts)[:, 0], k)
     else:
-        texts = encode_queries(model, [query])
-        candidates = _first_stage(index, "images", embeddings(model, texts), rerank_k)
-        scores, found = rerank(model, images, texts, candidates, k)
+        rows = _first_stage(index, "images", embeddings(model, texts), rerank_k)
+        candidates = index.images.select(rows, model.device)
+        scores, order = rerank(model, candidates, texts, torch.arange(len(rows))[None], k)
+        scores, found = scores[0], torch.from_numpy(rows)[order[0]]
     results = [
-        {"rank": rank, "image": image, "id": index.gallery.images[image]["id"], "score": round(score, 4)}
-        for rank, (score, image) in enumerate(zip(scores[0].tolist(), found[0].tolist(), strict=True), start=1)
+        {"rank": rank, "image": image, "id": index.ids[image], "score": round(score, 4)}
+        for rank, (score, image) in enumerate(zip(scores.tolist(), found.tolist(), strict=True), start=1)
     ]
     return {"query": query, "k": k, "rerank_k": rerank_k, "results": results}
 
@@ -57,9 +60,9 @@ def search_by_image(index: SearchIndex, image: int, k: int = 10, rerank_k: int |
     """The k indexed captions that best describe an indexed image."""
     _check_k(k, rerank_k)
     _check_image(index, image)
-    query = index.gallery.encoded_images.select(slice(image, image + 1))
+    query = index.images.select([image], index.model.device)
     results = _best_captions(index, query, k, rerank_k)
-    return {"image": image, "id": index.gallery.images[image]["id"], "k": k, "rerank_k": rerank_k, "results": results}
+    return {"image": image, "id": index.ids[image], "k": k, "rerank_k": rerank_k, "results": results}
 
 
 @torch.no_grad()
@@ -69,37 +72,57 @@ def search_by_photo(
     """The k indexed captions that best describe a photo file, read as the indexed photos were."""
     _check_k(k, rerank_k)
     _check_has_captions(index)
-    query = index.photo_reader(weights).encode(open_photos([Path(photo)]), [0], progress=False)
+    query = index.as_stored(index.photo_reader(weights).encode(open_photos([Path(photo)]), [0], progress=False))
     return {"photo": str(photo), "k": k, "rerank_k": rerank_k, "results": _best_captions(index, query, k, rerank_k)}
 
 
 def _best_captions(index: SearchIndex, query: Encoded, k: int, rerank_k: int | None) -> list[dict]:
     _check_has_captions(index)
-    model, gallery = index.model, index.gallery
+    model = index.model
     if rerank_k is None:
-        scores, found = search_texts(model, query, gallery.encoded_texts, k)
+        scores, found = _exhaustive(index, "captions", lambda texts: score_grid(model, query, texts)[0], k)
     else:
-        candidates = _first_stage(index, "captions", embeddings(model, query), rerank_k)
-        scores, found = rerank(model, query, gallery.encoded_texts, candidates, k, queries="images")
+        rows = _first_stage(index, "captions", embeddings(model, query), rerank_k)
+        candidates = index.texts.select(rows, model.device)
+        scores, order = rerank(model, query, candidates, torch.arange(len(rows))[None], k, queries="images")
+        scores, found = scores[0], torch.from_numpy(rows)[order[0]]
+    images = index.caption_images(found.numpy())
     return [
         {
             "rank": rank,
             "caption": caption,
-            "text": gallery.captions[caption],
-            "image": int(gallery.caption_image[caption]),
+            "text": index.captions[caption],
+            "image": int(image),
             "score": round(score, 4),
         }
-        for rank, (score, caption) in enumerate(zip(scores[0].tolist(), found[0].tolist(), strict=True), start=1)
+        for rank, (score, caption, image) in enumerate(
+            zip(scores.tolist(), found.tolist(), images.tolist(), strict=True), start=1
+        )
     ]
+
+
+def _exhaustive(index: SearchIndex, side: str, score, k: int) -> tuple[Tensor, Tensor]:
+    """The k best items of `side` by `score(items)` (the model's scores of a chunk of stored items),
+    a chunk at a time, removed items left out: (scores, rows), best first."""
+    excluded = torch.from_numpy(index.removed_rows(side))
+    best, rows = torch.zeros(0), torch.zeros(0, dtype=torch.long)
+    for start, items in index.chunks(side):
+        scores = score(items).float().cpu()
+        kept = excluded[(excluded >= start) & (excluded < start + len(scores))] - start
+        scores[kept] = -torch.inf
+        best, order = torch.cat([best, scores]).topk(min(k, len(best) + len(scores)))
+        rows = torch.cat([rows, torch.arange(start, start + len(scores))])[order]
+    real = best > -torch.inf
+    return best[real], rows[real]
 
 
 def describe_image(index: SearchIndex, image: int) -> dict:
     """An indexed image's id, its photo's file name (else the id) and the captions written for it."""
     _check_image(index, image)
-    entry, gallery = index.gallery.images[image], index.gallery
-    own = (gallery.caption_image == image).nonzero().flatten().tolist()
+    entry = index.image(image)
     name = Path(entry["path"]).name if entry["path"] else entry["id"]
-    return {"image": image, "id": entry["id"], "name": name, "captions": [gallery.captions[c] for c in own]}
+    captions = [index.captions[c] for c in index.image_captions(image)]
+    return {"image": image, "id": entry["id"], "name": name, "captions": captions}
 
 
 @torch.no_grad()
@@ -114,18 +137,18 @@ def explain_match(index: SearchIndex, image: int, text: str) -> dict:
         )
     _check_image(index, image)
     texts = encode_queries(model, [text])
-    explained = model.explain(index.gallery.encoded_images.select(slice(image, image + 1)), texts)
-    words = tokenize(text)
+    explained = model.explain(index.images.select([image], model.device), texts)
+    words, boxes = tokenize(text), torch.from_numpy(np.array(index.boxes.view[image]))
     # The vocabulary encodes <start> + words + <end>: rows 1..len(words) are the sentence's words.
     attention = explained["word_attention"][0, 1 : len(words) + 1].cpu()
     return {
         "image": image,
-        "id": index.gallery.images[image]["id"],
+        "id": index.ids[image],
         "text": text,
         "score": round(float(explained["score"][0]), 4),
         "regions": [
             {"box": _box(box), "confidence": round(float(confidence), 4)}
-            for box, confidence in zip(index.gallery.boxes[image], explained["region_confidence"][0].cpu(), strict=True)
+            for box, confidence in zip(boxes, explained["region_confidence"][0].cpu(), strict=True)
         ],
         "words": [
             {"word": word, "known": model.vocab.word_to_id(word) != UNK, "attention": _rounded(weights)}
@@ -134,14 +157,13 @@ def explain_match(index: SearchIndex, image: int, text: str) -> dict:
     }
 
 
-def _first_stage(index: SearchIndex, name: str, vectors: Tensor, rerank_k: int) -> Tensor:
-    """Indices (n_queries, rerank_k) of the best items of the faiss index `name` for each vector."""
-    if name not in index.first_stage:
+def _first_stage(index: SearchIndex, side: str, vectors: Tensor, rerank_k: int) -> np.ndarray:
+    """Rows of the `rerank_k` best items of `side` for one query vector, by the first stage."""
+    if index.model.embedding_key is None:
         model = index.model
         raise NotSupported(f"{model.architecture} has no embedding for a first stage: search without rerank_k")
-    faiss_index = index.first_stage[name]
-    _, found = faiss_index.search(np.ascontiguousarray(vectors.numpy()), min(rerank_k, faiss_index.ntotal))
-    return torch.from_numpy(found)
+    rows = index.nearest(side, vectors, rerank_k)[0]
+    return rows[rows >= 0]
 
 
 def _check_k(k: int, rerank_k: int | None) -> None:
@@ -150,13 +172,15 @@ def _check_k(k: int, rerank_k: int | None) -> None:
 
 
 def _check_has_captions(index: SearchIndex) -> None:
-    if not index.gallery.captions:
+    if not index.n_captions:
         raise NotSupported(f"{index.folder} indexes photos without captions: there are no captions to rank")
 
 
 def _check_image(index: SearchIndex, image: int) -> None:
     if not 0 <= image < index.n_images:
         raise InputError(f"no image {image} in the index: it has {index.n_images} images, 0..{index.n_images - 1}")
+    if index.is_removed(image):
+        raise InputError(f"image {image} was removed from the index")
 
 
 def _box(box: Tensor) -> list[float] | None:
