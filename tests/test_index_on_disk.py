@@ -169,3 +169,38 @@ def test_serving_memory_stays_bounded_while_the_gallery_grows(data, checkpoints,
     in_memory = 2 * stored[30_000]  # float32 copies of the float16 encodings
     assert in_memory > 48 << 20
     assert growth[30_000] - growth[5_000] < in_memory / 8, (growth, stored)
+
+
+@pytest.mark.parametrize("preset", ["scan-t2i-ave", "gsmn-paper-dense"])
+def test_stored_captions_read_back_as_encoded(preset, tmp_path):
+    """Word rows (and GSMN's word-by-word cells) are stored without padding and read back (padding
+    zeroed), appended in two chunks of different caption lengths: the same scores."""
+    from test_models import inputs, small_model
+
+    from itmatch.scoring import score_grid
+    from itmatch.service.store import EncodedStore
+
+    model = small_model(preset).eval()
+    _, tokens, lengths, _ = inputs(n_captions=7, seed=4)
+    with torch.no_grad():
+        encoded = model.encode_texts(tokens, lengths)
+    first, second = encoded.select(slice(0, 3)), encoded.select(slice(3, 7))
+    schema = EncodedStore.schema(first, "float32")
+    store = EncodedStore(tmp_path, "captions", schema, 0, 0)
+    store.append(first)
+    store.append(second)
+    reopened = EncodedStore(tmp_path, "captions", schema, 7, store.words)
+    back = reopened.select(np.array([5, 0, 6]))
+    expected = encoded.select(torch.tensor([5, 0, 6]))
+    assert back.square == expected.square and back.tensors.keys() == expected.tensors.keys()
+    real = expected["mask"]
+    for key, value in expected.tensors.items():
+        where = real[:, :, None] & real[:, None, :] if key in expected.square else real
+        where = where if key in expected.padded else slice(None)
+        torch.testing.assert_close(back[key][where], value[where].to(back[key].dtype), msg=key)
+    features = inputs(n_images=3)[0]
+    corners = torch.rand(3, features.shape[1], 2) * 100
+    image_inputs = {"boxes": torch.cat([corners, corners + 50], -1), "image_size": torch.full((3, 2), 200.0)}
+    with torch.no_grad():
+        images = model.encode_images(features, **(image_inputs if "boxes" in model.inputs().image else {}))
+        torch.testing.assert_close(score_grid(model, images, back), score_grid(model, images, expected))

@@ -94,20 +94,25 @@ class StringTable:
 
 class EncodedStore:
     """An `Encoded` on disk. Per-item keys are rows (items, ...); keys padded along the word axis
-    keep only the real words, one row per word (words, ...), with each item's word count and end."""
+    keep only the real words, one row per word (words, ...), with each item's word count and end;
+    word-by-word keys (`Encoded.square`) keep each item's L x L real cells, one row per cell, with
+    each item's end among the cells."""
 
     def __init__(self, folder: Path, side: str, schema: dict, items: int, words: int):
         self.side, self.padded = side, frozenset(schema["padded"])
+        self.square = frozenset(schema.get("square", ()))
+        self.word_ends = AppendArray(folder / f"{side}.word_end.bin", "int64", (), items if self.padded else 0)
+        self.cell_ends = AppendArray(folder / f"{side}.cell_end.bin", "int64", (), items if self.square else 0)
+        cells = int(self.cell_ends.view[-1]) if self.square and items else 0
         self.keys = {
             key: AppendArray(
                 folder / f"{side}.{key}.bin",
                 layout["dtype"],
                 tuple(layout["shape"]),
-                words if key in self.padded else items,
+                cells if key in self.square else words if key in self.padded else items,
             )
             for key, layout in schema["keys"].items()
         }
-        self.word_ends = AppendArray(folder / f"{side}.word_end.bin", "int64", (), items if self.padded else 0)
 
     @staticmethod
     def schema(encoded: Encoded, storage: str) -> dict:
@@ -115,11 +120,12 @@ class EncodedStore:
         keys = {}
         for key, value in encoded.tensors.items():
             dtype = storage if value.is_floating_point() else str(value.dtype).removeprefix("torch.")
-            keys[key] = {"dtype": dtype, "shape": list(value.shape[2 if key in encoded.padded else 1 :])}
-        return {"keys": keys, "padded": sorted(encoded.padded)}
+            word_axes = 2 if key in encoded.square else 1 if key in encoded.padded else 0
+            keys[key] = {"dtype": dtype, "shape": list(value.shape[1 + word_axes :])}
+        return {"keys": keys, "padded": sorted(encoded.padded), "square": sorted(encoded.square)}
 
     def check(self) -> None:
-        for array in (*self.keys.values(), self.word_ends):
+        for array in (*self.keys.values(), self.word_ends, self.cell_ends):
             array.check()
 
     def __len__(self) -> int:
@@ -128,8 +134,8 @@ class EncodedStore:
     def item_bytes(self) -> int:
         """Bytes of one item read into memory (float32; padded keys at twice the mean word count)."""
         words = 2 * max(1, self.words // max(1, len(self)))
-        per_key = [4 * int(np.prod(a.tail)) * (words if key in self.padded else 1) for key, a in self.keys.items()]
-        return max(1, sum(per_key))
+        rows = {key: words**2 if key in self.square else words if key in self.padded else 1 for key in self.keys}
+        return max(1, sum(4 * int(np.prod(array.tail)) * rows[key] for key, array in self.keys.items()))
 
     @property
     def words(self) -> int:
@@ -137,17 +143,23 @@ class EncodedStore:
 
     def append(self, encoded: Encoded) -> None:
         """Appends the items of `encoded` (float keys rounded to the storage type, checked finite)."""
-        lengths = encoded["mask"].sum(1).cpu().numpy() if self.padded else None
         real = encoded["mask"].cpu().bool() if self.padded else None
         for key, array in self.keys.items():
             value = encoded[key].detach().cpu()
-            value = value[real] if key in self.padded else value
+            if key in self.square:
+                value = value[real[:, :, None] & real[:, None, :]]
+            elif key in self.padded:
+                value = value[real]
             rows = value.numpy().astype(array.dtype)
             if rows.dtype.kind == "f" and not np.isfinite(rows).all():
                 raise DataError(array.path, f"would hold values beyond {array.dtype} (store the index in float32)")
             array.append(rows)
         if self.padded:
-            self.word_ends.append(self.words + np.cumsum(lengths, dtype=np.int64))
+            lengths = real.sum(1).numpy().astype(np.int64)
+            if self.square:
+                cells = int(self.cell_ends.view[-1]) if len(self) else 0
+                self.cell_ends.append(cells + np.cumsum(lengths**2))
+            self.word_ends.append(self.words + np.cumsum(lengths))
 
     def column(self, key: str, rows: slice | np.ndarray) -> np.ndarray:
         """One per-item key of some items, as float32 numpy (first-stage vectors)."""
@@ -159,19 +171,27 @@ class EncodedStore:
         rows = np.arange(len(self))[rows] if isinstance(rows, slice) else np.asarray(rows, dtype=np.int64)
         tensors = {}
         if self.padded:
-            ends = self.word_ends.view[rows]
-            lengths = ends - (self.word_ends.view[rows - 1] * (rows > 0))
-            words = _word_rows(ends, lengths)
+            lengths = _lengths(self.word_ends.view, rows)
             real = np.arange(max(int(lengths.max(initial=0)), 1))[None, :] < lengths[:, None]
+            picks = {"words": (real, _word_rows(self.word_ends.view[rows], lengths))}
+            if self.square:
+                cells = _word_rows(self.cell_ends.view[rows], lengths**2)
+                picks["cells"] = (real[:, :, None] & real[:, None, :], cells)
         for key, array in self.keys.items():
             if key in self.padded:
-                value = np.zeros((len(rows), real.shape[1], *array.tail), dtype=array.dtype)
-                value[real] = array.view[words]
+                where, source = picks["cells" if key in self.square else "words"]
+                value = np.zeros((*where.shape, *array.tail), dtype=array.dtype)
+                value[where] = array.view[source]
             else:
                 value = np.asarray(array.view[rows])
             tensor = torch.from_numpy(np.ascontiguousarray(value))
             tensors[key] = (tensor.float() if tensor.is_floating_point() else tensor).to(device)
-        return Encoded(tensors, self.padded)
+        return Encoded(tensors, self.padded, self.square)
+
+
+def _lengths(ends: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """The word counts of items `rows` from the items' word ends."""
+    return ends[rows] - (ends[rows - 1] * (rows > 0))
 
 
 def _word_rows(ends: np.ndarray, lengths: np.ndarray) -> np.ndarray:
