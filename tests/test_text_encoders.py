@@ -28,7 +28,7 @@ transformers = pytest.importorskip("transformers", reason="the pretrained text e
 CAPTIONS = ["A red dog to the left of a blue car .", "a cat", "There is a small purple boat on the water ."]
 # One preset of each architecture.
 PRESETS = ["cmcan-official", "scan-t2i-ave", "sgraf-saf", "vsepp", "vse-infty-bigru"]
-SMALL = {"img_dim": 20, "embed_size": 24, "sim_dim": 8, "n_regions": 9}
+SMALL = {"img_dim": 20, "embed_size": 24, "sim_dim": 8, "n_regions": 9, "blocks": 4}
 WORDS = (
     "a an the of to is there on in at left right above below next small large water grass car dog cat "
     "boat bus man woman child ball tree house sky road sand snow wall floor".split()
