@@ -22,6 +22,8 @@ REGIONS, FEATURE_DIM = 8, 16
 SIZES = {
     "cmcan-official": {"embed_size": 32, "sim_dim": 8, "n_regions": REGIONS},
     "vsepp": {"embed_size": 32},
+    "dvsa": {"embed_size": 32},
+    "sm-lstm": {"embed_size": 32},
 }
 
 

@@ -1,5 +1,6 @@
-"""The search index, `itmatch index` / `itmatch search`, CMCAN's explanations, and the web service's
-endpoints through FastAPI's in-process client: answers, limits and bad requests."""
+"""The search index, `itmatch index` / `itmatch search`, the explanations (CMCAN, DVSA, sm-LSTM),
+and the web service's endpoints through FastAPI's in-process client: answers, limits and bad
+requests."""
 
 from __future__ import annotations
 
@@ -235,6 +236,18 @@ def test_explanation_of_a_match(cmcan_index):
     box = cmcan_index.boxes.view[3, 0].tolist()
     assert explained["regions"][0]["box"] == pytest.approx(box, abs=1e-4)
     score = search_by_text(cmcan_index, text, 24)["results"]
+    assert explained["score"] == pytest.approx(next(r["score"] for r in score if r["image"] == 3), abs=1e-4)
+
+
+@pytest.mark.parametrize("preset", ["dvsa", "sm-lstm"])
+def test_other_explaining_models_explain_a_match_on_the_page(preset, data, tmp_path):
+    checkpoint = make_checkpoint(data, preset, tmp_path / f"{preset}.pt")
+    assert itmatch("index", checkpoint, "--data", data, "--out", tmp_path / "index", "--quiet") == 0
+    index = SearchIndex.open(tmp_path / "index", "cpu")
+    explained = explain_match(index, 3, QUERY)
+    assert len(explained["regions"]) == 8 and abs(sum(r["confidence"] for r in explained["regions"]) - 1) < 1e-3
+    assert all(len(w["attention"]) == 8 and abs(sum(w["attention"]) - 1) < 1e-3 for w in explained["words"])
+    score = search_by_text(index, QUERY, 24)["results"]
     assert explained["score"] == pytest.approx(next(r["score"] for r in score if r["image"] == 3), abs=1e-4)
 
 
