@@ -180,6 +180,16 @@ def test_the_text_model_is_frozen_by_default_and_its_dropout_runs(bert, frozen):
     assert not torch.equal(first, second)  # BERT's dropout, as in the official training
 
 
+def test_the_shared_loss_terms_come_with_its_own(bert):
+    model = saem(bert).train()
+    config = build_run_config("saem", {"loss": {"terms": ["cmpm"]}})
+    assert set(model.training_losses(batch_of(model), TrainingContext(config.loss))) == {
+        "cmpm",
+        "angular",
+        "weight_norm",
+    }
+
+
 def official_angular(anchors, positives, negatives_of) -> torch.Tensor:
     """loss.py's AngularLoss.angular_loss (max_violation, angle_bound 1), one anchor at a time."""
     total = torch.zeros(())

@@ -174,6 +174,14 @@ def test_training_losses_are_the_hinge_and_the_caption_terms():
     assert build_run_config("vsrn-f30k").loss.weight("caption", 29) == 1.0
 
 
+def test_the_shared_loss_terms_come_with_the_caption_term():
+    model = vsrn().train()
+    features, tokens, lengths = batch()
+    config = build_run_config("vsrn-f30k", {"loss": {"terms": ["triplet", "cmpm"]}})
+    inputs = {"features": features, "tokens": tokens, "lengths": lengths, "image_index": torch.arange(5)}
+    assert set(model.training_losses(inputs, TrainingContext(config.loss))) == {"triplet", "cmpm", "caption"}
+
+
 # -- the official checkpoint ------------------------------------------------------------------------
 class Python2Pickler(pickle._Pickler):
     """Writes every str as a Python 2 byte string (SHORT_BINSTRING / BINSTRING), as the official

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from itmatch.errors import ConfigError
-from itmatch.losses import TrainingContext, batch_scores, triplet_term
+from itmatch.losses import TrainingContext
 from itmatch.models.base import EmbeddingMatcher, Encoded, word_mask
 from itmatch.models.layers import l2norm
 from itmatch.models.registry import register
@@ -156,8 +156,9 @@ class SAEM(EmbeddingMatcher):
         return Encoded({"vector": self.text_encoder(*self._check_tokens(tokens, lengths))[2]})
 
     def training_losses(self, batch: Mapping[str, Tensor], context: TrainingContext) -> dict[str, Tensor]:
-        """The hinge, angular and weight-norm terms (weighted by `loss.weights`); the in-batch
-        terms see the global batch under global negatives."""
+        """The shared terms (`loss.terms`: the hinge loss in the preset), the angular and the
+        weight-norm terms (weighted by `loss.weights`); the in-batch terms see the global batch
+        under global negatives."""
         images, texts = self.encode_image_batch(batch), self.encode_text_batch(batch)
         image_vectors, text_vectors = context.gather(images["vector"]), context.gather(texts["vector"])
         not_negative = torch.eye(len(text_vectors), dtype=torch.bool, device=text_vectors.device)
@@ -167,8 +168,5 @@ class SAEM(EmbeddingMatcher):
         bound = self.config.angle_bound
         angular = angular_loss(image_vectors, text_vectors, not_negative, bound)
         angular = angular + angular_loss(text_vectors, image_vectors, not_negative.T, bound)
-        return {
-            "triplet": triplet_term(batch_scores(self, images, texts, context), batch, context),
-            "angular": angular,
-            "weight_norm": self.image_encoder.weight_norms(),
-        }
+        own = {"angular": angular, "weight_norm": self.image_encoder.weight_norms()}
+        return self.shared_terms(images, texts, batch, context) | own

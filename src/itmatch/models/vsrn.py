@@ -28,7 +28,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from itmatch.losses import TrainingContext, batch_scores, triplet_term
+from itmatch.losses import TrainingContext
 from itmatch.models.base import EmbeddingMatcher, Encoded
 from itmatch.models.layers import l2norm, xavier_init
 from itmatch.models.registry import official_parts, register
@@ -177,10 +177,10 @@ class VSRN(EmbeddingMatcher):
         return Encoded({"vector": l2norm(last)})
 
     def training_losses(self, batch: Mapping[str, Tensor], context: TrainingContext) -> dict[str, Tensor]:
-        """The hinge loss and the caption-generation loss on the same reasoned regions."""
+        """The shared terms (`loss.terms`: the hinge loss in the presets) and the caption-generation
+        loss on the same reasoned regions."""
         features = self.backbone(batch["pixels"]) if self.backbone is not None else batch["features"]
         vectors, regions = self.reason(features)
-        texts = self.encode_text_batch(batch)
-        scores = batch_scores(self, Encoded({"vector": vectors}), texts, context)
+        terms = self.shared_terms(Encoded({"vector": vectors}), self.encode_text_batch(batch), batch, context)
         caption = self.captioner.loss(regions, *self._check_tokens(batch["tokens"], batch["lengths"]))
-        return {"triplet": triplet_term(scores, batch, context), "caption": caption}
+        return terms | {"caption": caption}
