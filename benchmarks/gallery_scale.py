@@ -14,7 +14,9 @@ disk), as `itmatch index` appends them; at each size the benchmark measures:
   memory of opening the index and serving 30 queries (with the model's own load) and their
   latency p50/p95 (k=10, rerank_k=100); the first stage's recall@100 against the exact first
   stage over 200 query sentences, for three nprobe (IVF) or efSearch (HNSW) values;
-- exhaustive search (the model scores every image) latency over 3 queries.
+- exhaustive search (the model scores every image) latency over 3 queries;
+
+and extends each measure to 1M and 10M images along the growth its mechanism gives (COLUMNS).
 
 Run: `OMP_NUM_THREADS=1 python benchmarks/gallery_scale.py` (one torch and faiss thread); the
 JSON goes to benchmark-output/gallery-scale/results.json.
@@ -214,39 +216,62 @@ def main() -> None:
     print(table(results))
 
 
+# How each measure grows with the gallery, for the extrapolation: "N" linear, "sqrt N" (IVF with
+# nlist ~ sqrt N and a fixed nprobe scans ~ sqrt N vectors), "log N" (an HNSW search), "chunk"
+# (linear up to one --memory-mb chunk of vectors, then flat), "flat" (bounded: the largest measured,
+# as for a fit that falls).
 COLUMNS = [
-    ("append the encodings (s)", lambda row: row["images"] / row["append_images_per_s"]),
-    ("build IVF (s)", lambda row: row["stages"]["ivf"]["build_s"]),
-    ("build HNSW (s)", lambda row: row["stages"]["hnsw"]["build_s"]),
-    ("IVF file (MB)", lambda row: row["stages"]["ivf"]["faiss_mb"]),
-    ("HNSW file (MB)", lambda row: row["stages"]["hnsw"]["faiss_mb"]),
-    ("index on disk (MB)", lambda row: row["disk_mb"]),
-    ("append peak memory (MB)", lambda row: row["append_anon_mb"]),
+    ("append the encodings (s)", "N", lambda row: row["images"] / row["append_images_per_s"]),
+    ("build IVF (s)", "N", lambda row: row["stages"]["ivf"]["build_s"]),
+    ("build HNSW (s)", "N", lambda row: row["stages"]["hnsw"]["build_s"]),
+    ("IVF file (MB)", "N", lambda row: row["stages"]["ivf"]["faiss_mb"]),
+    ("HNSW file (MB)", "N", lambda row: row["stages"]["hnsw"]["faiss_mb"]),
+    ("index on disk (MB)", "N", lambda row: row["disk_mb"]),
+    ("append peak memory (MB)", "flat", lambda row: row["append_anon_mb"]),
     *[
-        (f"{kind} {what}", lambda row, kind=kind, key=key: row["stages"][kind][key])
-        for kind in ("flat", "ivf", "hnsw")
-        for what, key in (("serving memory (MB)", "serving_anon_mb"), ("p50 (ms)", "p50_ms"), ("p95 (ms)", "p95_ms"))
+        (f"{kind} {what}", growth, lambda row, kind=kind, key=key: row["stages"][kind][key])
+        for kind, memory, latency in (("flat", "chunk", "N"), ("ivf", "flat", "sqrt N"), ("hnsw", "flat", "log N"))
+        for what, key, growth in (
+            ("serving memory (MB)", "serving_anon_mb", memory),
+            ("p50 (ms)", "p50_ms", latency),
+            ("p95 (ms)", "p95_ms", latency),
+        )
     ],
-    ("exhaustive p50 (ms)", lambda row: row["stages"]["exhaustive"]["p50_ms"]),
+    ("exhaustive p50 (ms)", "N", lambda row: row["stages"]["exhaustive"]["p50_ms"]),
 ]
+CHUNK_ROWS = (256 << 20) // (4 * SIZES["embed_size"])  # float32 embeddings in the default --memory-mb
+
+
+def grown(sizes: np.ndarray, measured: np.ndarray, growth: str, targets: list[float]) -> list[float]:
+    """`measured` at `sizes` fitted as a + b g(N) (least squares) and evaluated at `targets`."""
+    if growth == "flat":
+        return [measured.max()] * len(targets)
+    shape = {
+        "N": lambda n: n,
+        "sqrt N": np.sqrt,
+        "log N": np.log,
+        "chunk": lambda n: np.minimum(n, CHUNK_ROWS),
+    }[growth]
+    slope, intercept = np.polyfit(shape(sizes), measured, 1)
+    if slope < 0:  # no growth measured (noise): the largest measured value
+        return [measured.max()] * len(targets)
+    return [intercept + slope * shape(np.float64(target)) for target in targets]
 
 
 def table(results: list[dict]) -> str:
-    """Markdown: each measure at the measured sizes, and a straight line through them (least
-    squares in N) extended to 1M and 10M images."""
+    """Markdown: each measure at the measured sizes, and its fit (see COLUMNS) at 1M and 10M images."""
     sizes = np.array([row["images"] for row in results], dtype=float)
-    head = [f"{int(n):,}" for n in sizes] + ["1M (fit)", "10M (fit)"]
+    head = [f"{int(n):,}" for n in sizes] + ["1M (fit)", "10M (fit)", "fit"]
     lines = ["| measure | " + " | ".join(head) + " |", "|---" * (len(head) + 1) + "|"]
-    for name, value in COLUMNS:
+    for name, growth, value in COLUMNS:
         measured = np.array([value(row) for row in results])
-        slope, intercept = np.polyfit(sizes, measured, 1) if len(sizes) > 1 else (measured[0] / sizes[0], 0.0)
-        cells = [*measured, intercept + slope * 1e6, intercept + slope * 1e7]
-        lines.append(f"| {name} | " + " | ".join(f"{cell:,.1f}" for cell in cells) + " |")
+        cells = [*measured, *grown(sizes, measured, growth, [1e6, 1e7])]
+        lines.append(f"| {name} | " + " | ".join(f"{cell:,.1f}" for cell in cells) + f" | {growth} |")
     recalls = [key for key in results[0]["stages"]["ivf"] | results[0]["stages"]["hnsw"] if key.startswith("recall")]
     for key in recalls:
         kind = "ivf" if "nprobe" in key else "hnsw"
         cells = [f"{row['stages'][kind][key]:.3f}" for row in results]
-        lines.append(f"| {kind} {key.replace('_', ' ')} | " + " | ".join(cells) + " | | |")
+        lines.append(f"| {kind} {key.replace('_', ' ')} | " + " | ".join(cells) + " | | | |")
     return "\n".join(lines)
 
 

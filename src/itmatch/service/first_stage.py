@@ -5,8 +5,8 @@ model then rescores.
 - `ivf`: faiss IVF (`nlist` clusters trained by k-means on a sample of `train_sample` vectors,
   `nprobe` of them searched; `codes` Flat keeps exact vectors, SQ8 one byte per dimension, PQm
   m bytes per vector), memory-mapped when served;
-- `hnsw`: faiss HNSW (`hnsw_m` links per node, `ef_construction`, `ef_search`); its graph is read
-  into memory when served, its vectors memory-mapped.
+- `hnsw`: faiss HNSW (`hnsw_m` links per node, `ef_construction`, `ef_search`); its file, graph
+  included, is memory-mapped when served (IO_FLAG_MMAP_IFC).
 
 Removed items are left out inside the search (a faiss ID selector, or a mask on the exact pass), so
 a query still gets its k best among the items kept.
