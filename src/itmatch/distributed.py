@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
-from torch.distributed._functional_collectives import all_gather_single_autograd
+from torch.distributed.nn.functional import all_gather as all_gather_with_grad
 
 from itmatch.device import default_device
 
@@ -82,10 +82,11 @@ def gather_shards(part: Tensor, dim: int = 0) -> Tensor:
 def gather_with_grad(part: Tensor) -> Tensor:
     """Every process's `part` (all of the same shape) concatenated along the first axis, with the
     gradient of the whole flowing back to this process's part: its backward sums the gradients
-    that every process computes for this part (a reduce-scatter)."""
+    that every process computes for this part (a reduce-scatter, or all-to-all where the backend
+    has none), as open_clip gathers features."""
     if world_size() == 1:
         return part
-    return all_gather_single_autograd(part.contiguous(), 0, dist.group.WORLD)
+    return torch.cat(all_gather_with_grad(part.contiguous()))
 
 
 def max_over_processes(value: int, device: torch.device) -> int:
