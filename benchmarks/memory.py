@@ -59,7 +59,7 @@ def measure(n_images: int, budget_mib: int) -> dict:
             before = torch.cuda.memory_allocated()
         else:
             before = resident_after_reset()
-        score_grid(model, images, texts, ScoringOptions(memory_budget=budget_mib << 20))
+        score_grid(model, images, texts, ScoringOptions(memory_budget=budget_mib << 20, precision="fp32"))
         if torch.cuda.is_available():
             peak = torch.cuda.max_memory_allocated() - before
         else:
