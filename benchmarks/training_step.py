@@ -1,23 +1,27 @@
 """Benchmark (e): one CMCAN training step (forward and backward) against a loop-style reference
 with the official structure.
 
-    .venv/bin/python benchmarks/training_step.py [--batch 128] [--threads 2] [--repeats 2] [--compile]
+    .venv/bin/python benchmarks/training_step.py [--batch 128] [--threads 2] [--repeats 2] [--compile] [--bf16]
 
 At the official sizes (a batch of 128 images of 36 regions of 2048-d with one 12-word caption
 each, D=1024, P=256, the official preset): the reference runs the official training step's
 structure (both encoders, the batch's score matrix by a Python loop over the captions, each
 against every image, as the official `forward_sim`; the max-violation triplet loss summed;
-backward); itmatch runs `training_losses` (the scoring engine's tiles) and backward in fp32 and
-under bf16 autocast, and with --compile its pair scorer compiled too. Same weights; each figure
-is the best of --repeats rounds, each round timing every variant once (the machine's drift
-reaches all alike). Before timing, in eval mode (no dropout), the loss of each variant and its
-largest gradient difference from the reference are printed: the same function is computed.
+backward); itmatch runs `training_losses` and backward in fp32, first with every pair scored
+with gradients (`train.backward_pairs=all`: the scoring engine's tiles), then as it trains by
+default (`active`: every pair scored without gradients, the pairs the loss reads again with
+them), and under bf16 autocast where this machine's calibration chooses bf16 (or with --bf16),
+and with --compile its pair scorer compiled too. Same weights; each figure is the best of
+--repeats rounds, each round timing every variant once (the machine's drift reaches all alike).
+Before timing, in eval mode (no dropout), the loss of each variant and its largest gradient
+difference from the reference are printed: the same function is computed.
 """
 
 from __future__ import annotations
 
 import argparse
 import time
+from dataclasses import replace
 
 import torch
 from official_style import caption_loop_scores
@@ -26,7 +30,7 @@ from scoring_speed import inputs, synchronize
 from itmatch import build_run_config, create_model
 from itmatch.device import default_device
 from itmatch.losses import TrainingContext, triplet_ranking_loss
-from itmatch.precision import calibration
+from itmatch.precision import calibration, training_precision
 
 
 def reference_loss(model, batch: dict, context: TrainingContext) -> torch.Tensor:
@@ -55,12 +59,15 @@ def gradients(model) -> dict[str, torch.Tensor]:
     return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
 
 
-def variants(model, batch: dict, context: TrainingContext, compile_scorer: bool) -> dict:
+def variants(model, batch: dict, context: TrainingContext, compile_scorer: bool, bf16: bool) -> dict:
+    every_pair = replace(context, active_pairs=False)
     functions = {
         "reference fp32": lambda: reference_loss(model, batch, context),
+        "itmatch fp32, every pair with gradients": lambda: engine_loss(model, batch, every_pair, None),
         "itmatch fp32": lambda: engine_loss(model, batch, context, None),
-        "itmatch bf16 autocast": lambda: engine_loss(model, batch, context, torch.bfloat16),
     }
+    if bf16:
+        functions["itmatch bf16 autocast"] = lambda: engine_loss(model, batch, context, torch.bfloat16)
     if compile_scorer:
         compiled = torch.compile(model.pair_scores, dynamic=True)
         original = model.pair_scores
@@ -112,6 +119,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--compile", action="store_true", help="also time the pair scorer compiled")
+    parser.add_argument("--bf16", action="store_true", help="time bf16 autocast even where auto would not take it")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device = default_device()
@@ -122,8 +130,10 @@ def main() -> None:
     batch = {"features": features, "region_graph": adjacency, "tokens": tokens, "lengths": lengths}
     batch["image_index"] = torch.arange(args.batch, device=device)
     context = TrainingContext(config.loss)
-    functions = variants(model, batch, context, args.compile)
-    print(f"{device.type} ({calibration(device).machine}), batch {args.batch}, best of {args.repeats} rounds")
+    auto = training_precision("auto", device)
+    functions = variants(model, batch, context, args.compile, args.bf16 or auto == "bf16")
+    print(f"{device.type}, batch {args.batch}, best of {args.repeats} rounds")
+    print(f"train.precision=auto trains in {auto} here (calibration {calibration(device).describe()})")
     check_same_function(model, functions)
     seconds = timed(model, functions, args.repeats)
     reference = seconds["reference fp32"]

@@ -32,8 +32,13 @@ def share_of(batch: dict[str, torch.Tensor], items: slice) -> dict[str, torch.Te
     return part
 
 
-def loss_and_gradients(network, model, batch, global_batch: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    context = TrainingContext(build_run_config("vsepp").loss, epoch=0, global_batch=global_batch)
+def loss_and_gradients(
+    network, model, batch, global_batch: bool, active_pairs: bool = True
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Under the default `active_pairs`, a cross-attention model backpropagates through the pairs
+    its loss reads only (itmatch.losses.active_pair_scores)."""
+    loss = build_run_config("vsepp").loss
+    context = TrainingContext(loss, epoch=0, global_batch=global_batch, active_pairs=active_pairs)
     loss = sum(network(batch, context).values())
     loss.backward()
     return loss.detach(), {name: p.grad for name, p in model.named_parameters() if p.grad is not None}

@@ -32,7 +32,9 @@ def test_global_negatives_of_two_processes_equal_one_process_with_the_whole_batc
     torchrun(str(WORKER), preset, str(tmp_path / "two.pt"))
     two = torch.load(tmp_path / "two.pt", weights_only=True)
     model = small_model(preset).eval()
-    one_loss, one_grads = loss_and_gradients(model, model, share_of(training_batch(model), slice(0, BATCH)), False)
+    # one process scores every pair with gradients; the two rescore the active pairs (SCAN)
+    whole = share_of(training_batch(model), slice(0, BATCH))
+    one_loss, one_grads = loss_and_gradients(model, model, whole, global_batch=False, active_pairs=False)
     assert two["loss"].item() == pytest.approx(one_loss.item(), rel=1e-5)
     assert two["grads"].keys() == one_grads.keys()
     for name, grad in one_grads.items():

@@ -1,11 +1,15 @@
 from __future__ import annotations
 
+from dataclasses import replace
+
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from test_models import batch_extras, inputs, small_model
 
-from itmatch.config import LossConfig
-from itmatch.losses import triplet_ranking_loss
+from itmatch.config import LossConfig, build_run_config, hardest_k
+from itmatch.losses import TrainingContext, triplet_active_pairs, triplet_ranking_loss
 
 
 def brute_force(scores, margin, k, image_ids=None):
@@ -51,10 +55,73 @@ def test_separated_batch_has_zero_loss():
 
 
 def test_k_hardest_is_validated():
-    import pytest
-
     from itmatch.errors import ConfigError
 
     for bad in ("k:0", "k:", "k:x", "hardest3", "3"):
         with pytest.raises(ConfigError, match="k:N"):
             LossConfig(negatives=bad)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    n=st.integers(1, 7),
+    seed=st.integers(0, 10_000),
+    negatives=st.sampled_from(["hardest", "k:2", "k:20"]),
+    with_ids=st.booleans(),
+)
+def test_the_loss_reads_no_pair_outside_the_active_ones(n, seed, negatives, with_ids):
+    generator = torch.Generator().manual_seed(seed)
+    scores = torch.rand(n, n, generator=generator, dtype=torch.float64, requires_grad=True)
+    ids = torch.randint(0, 3, (n,), generator=generator) if with_ids else None
+    config = LossConfig(margin=0.5, negatives=negatives)
+    triplet_ranking_loss(scores, config, ids).backward()
+    active = triplet_active_pairs(scores.detach(), config, ids)
+    assert not scores.grad[~active].any()
+    assert active.sum() <= n * (2 * min(hardest_k(negatives), n) + 1)
+
+
+# One preset of each architecture that scores pairs with a network (SGRAF's SAF normalises over
+# the tile's images in training, so the rescoring leaves it out).
+PER_PAIR_NETWORKS = ["scan-t2i-ave", "cmcan-official", "gsmn-official-dense", "sgraf-sgr", "dvsa", "sm-lstm"]
+
+
+def training_pass(model, batch, context, scored: list[int]) -> tuple[float, dict, int]:
+    """The loss, the gradients and how many pairs were scored with gradients (`scored` collects
+    them from the counting `pair_scores`)."""
+    scored.clear()
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(5)  # the same dropout masks
+    loss = sum(model.training_losses(batch, context).values())
+    loss.backward()
+    grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    return loss.item(), grads, sum(scored)
+
+
+@pytest.mark.parametrize("preset", PER_PAIR_NETWORKS)
+@pytest.mark.parametrize(("negatives", "exclude_same_image"), [("hardest", False), ("k:2", True)])
+def test_rescoring_the_active_pairs_gives_the_loss_and_gradients_of_scoring_every_pair(
+    preset, negatives, exclude_same_image, monkeypatch
+):
+    n = 12
+    model = small_model(preset).train()
+    scored, original = [], type(model).pair_scores
+
+    def counting(self, images, texts):
+        scores = original(self, images, texts)
+        scored.append(scores.numel() if torch.is_grad_enabled() else 0)
+        return scores
+
+    monkeypatch.setattr(type(model), "pair_scores", counting)
+    features, tokens, lengths, adjacency = inputs(n_images=n, n_captions=n, seed=1)
+    batch = {"features": features, "tokens": tokens, "lengths": lengths, **batch_extras(adjacency)}
+    batch["image_index"] = torch.arange(n) // 2  # two captions of each image
+    loss = replace(build_run_config(preset).loss, negatives=negatives, exclude_same_image=exclude_same_image)
+    every = TrainingContext(loss, active_pairs=False)
+    every_loss, every_grads, every_pairs = training_pass(model, batch, every, scored)
+    active_loss, active_grads, active_pairs = training_pass(model, batch, TrainingContext(loss), scored)
+    assert every_pairs == n * n and 0 < active_pairs <= n * (2 * hardest_k(negatives) + 1)
+    assert active_loss == pytest.approx(every_loss, rel=1e-5)
+    assert active_grads.keys() == every_grads.keys()
+    scale = max(grad.abs().max() for grad in every_grads.values())
+    for name, grad in every_grads.items():  # rounding differs: compared with the largest gradient
+        assert (active_grads[name] - grad).abs().max() <= 1e-4 * scale, name

@@ -27,10 +27,10 @@ import torch
 from torch import Tensor, nn
 
 from itmatch.config import LossConfig, hardest_k
-from itmatch.distributed import gather_shards, gather_with_grad, max_over_processes, pad_axis
+from itmatch.distributed import gather_shards, gather_with_grad, max_over_processes, pad_axis, rank, world_size
 from itmatch.errors import ConfigError
 from itmatch.models.base import Encoded, Matcher
-from itmatch.scoring import score_grid
+from itmatch.scoring import ScoringOptions, score_grid, score_pairs
 
 # The shared terms computed on one vector per item.
 VECTOR_TERMS = ("cmpm", "identity")
@@ -45,6 +45,8 @@ class TrainingContext:
     loss: LossConfig
     epoch: int = 0
     global_batch: bool = False
+    # Back-propagate through the pairs the triplet loss reads only (`train.backward_pairs`).
+    active_pairs: bool = True
 
     def gather(self, part: Tensor) -> Tensor:
         """A per-item tensor of this process's batch, extended to the global batch (gradients flow
@@ -83,11 +85,82 @@ def batch_scores(model: Matcher, images: Encoded, texts: Encoded, context: Train
     return context.gather(score_grid(model, images, context.gather_encoded(texts)))
 
 
-def triplet_term(scores: Tensor, batch: Mapping[str, Tensor], context: TrainingContext) -> Tensor:
-    """The triplet ranking loss of a batch whose caption j belongs to image j (pair (j, j)); the
-    scores of the global batch under global negatives (`batch_scores`)."""
-    image_ids = context.gather(batch["image_index"].to(scores.device)) if context.loss.exclude_same_image else None
+def batch_triplet_term(
+    model: Matcher, images: Encoded, texts: Encoded, batch: Mapping[str, Tensor], context: TrainingContext
+) -> Tensor:
+    """The triplet ranking loss of a batch's encodings (caption j's image is image j), of the
+    global batch under global negatives; through `active_pair_scores` where that pays."""
+    image_ids = _image_ids(batch, context)
+    if _rescores_active_pairs(model, context, len(images)):
+        scores = active_pair_scores(model, images, texts, image_ids, context)
+    else:
+        scores = batch_scores(model, images, texts, context)
     return triplet_ranking_loss(scores, context.loss, image_ids, context.negatives)
+
+
+def triplet_term(scores: Tensor, batch: Mapping[str, Tensor], context: TrainingContext) -> Tensor:
+    """The triplet ranking loss of a batch whose caption j belongs to image j (pair (j, j)), given
+    the scores of the global batch under global negatives (`batch_scores`)."""
+    return triplet_ranking_loss(scores, context.loss, _image_ids(batch, context), context.negatives)
+
+
+def _image_ids(batch: Mapping[str, Tensor], context: TrainingContext) -> Tensor | None:
+    if not context.loss.exclude_same_image:
+        return None
+    return context.gather(batch["image_index"])
+
+
+# Rescoring the active pairs pays while they are a small share of the batch's pairs: the pass
+# without gradients costs about a third of one with them, so the break-even lies near 0.7.
+ACTIVE_SHARE_LIMIT = 0.5
+
+
+def _rescores_active_pairs(model: Matcher, context: TrainingContext, local_batch: int) -> bool:
+    """Only for models that run a network per pair (a dot product costs nothing to redo), whose
+    pair scores do not depend on the other pairs of a tile, under a loss that keeps k negatives
+    per query: then at most (2k + 1) pairs per image are read."""
+    k = hardest_k(context.negatives)
+    batch = local_batch * (world_size() if context.global_batch else 1)
+    per_pair_network = not model.scores_by_dot_product and not model.tile_spans_all_images
+    return context.active_pairs and per_pair_network and k is not None and 2 * k + 1 <= ACTIVE_SHARE_LIMIT * batch
+
+
+def active_pair_scores(
+    model: Matcher, images: Encoded, texts: Encoded, image_ids: Tensor | None, context: TrainingContext
+) -> Tensor:
+    """The batch's score matrix with gradients at the pairs the triplet loss reads, -inf elsewhere.
+
+    Every pair is scored without gradients (cheap: no activations kept, and the pair scorer's
+    inference rewrites apply); `triplet_active_pairs` then names the pairs the loss reads, and
+    those alone are scored again with gradients, in the training's own precision. The loss and
+    its gradients equal those of scoring every pair with gradients, up to rounding and to which of
+    two negatives within rounding of each other counts as the harder, while the backward pass
+    runs through (2k + 1) pairs per image instead of the batch size. Under global negatives each
+    process rescores the active pairs of its own images.
+    """
+    texts = context.gather_encoded(texts)
+    exact = ScoringOptions(precision="fp32")  # the model as it is (under autocast if training runs so)
+    with torch.no_grad():
+        everything = context.gather(score_grid(model, images, texts, exact))
+    active = triplet_active_pairs(everything, context.loss, image_ids, context.negatives)
+    first = rank() * len(images) if context.global_batch else 0
+    own = active[first : first + len(images)]
+    image_index, text_index = own.nonzero(as_tuple=True)
+    rescored = score_pairs(model, images, texts, image_index, text_index, exact)
+    strip = everything[first : first + len(images)].masked_fill(~own, float("-inf"))
+    return context.gather(strip.index_put((image_index, text_index), rescored))
+
+
+def triplet_active_pairs(
+    scores: Tensor, config: LossConfig, image_ids: Tensor | None = None, negatives: str | None = None
+) -> Tensor:
+    """The (images, captions) pairs whose scores `triplet_ranking_loss` reads under "hardest" or
+    "k:N" negatives: the matching pairs and each query's k hardest negatives, both directions."""
+    k = min(hardest_k(negatives or config.negatives), len(scores))
+    caption_cost, image_cost = _violations(scores, config, image_ids)
+    active = torch.eye(len(scores), dtype=torch.bool, device=scores.device)
+    active.scatter_(1, caption_cost.topk(k, dim=1).indices, True)
+    return active.scatter_(0, image_cost.topk(k, dim=0).indices, True)
 
 
 def triplet_ranking_loss(
@@ -104,21 +177,26 @@ def triplet_ranking_loss(
     trainer passes "sum" during the warm-up epochs). With `image_ids`, other captions of the same
     image in the batch are not treated as negatives.
     """
-    negatives = negatives or config.negatives
-    positive = scores.diagonal()
-    caption_cost = (config.margin + scores - positive[:, None]).clamp(min=0)  # for each image (row)
-    image_cost = (config.margin + scores - positive[None, :]).clamp(min=0)  # for each caption (column)
-    not_negative = torch.eye(len(scores), dtype=torch.bool, device=scores.device)
-    if image_ids is not None:
-        not_negative = not_negative | (image_ids[:, None] == image_ids[None, :])
-    caption_cost = caption_cost.masked_fill(not_negative, 0)
-    image_cost = image_cost.masked_fill(not_negative, 0)
-    k = hardest_k(negatives)
+    caption_cost, image_cost = _violations(scores, config, image_ids)
+    k = hardest_k(negatives or config.negatives)
     if k is not None:
         k = min(k, len(scores))
         caption_cost, image_cost = caption_cost.topk(k, dim=1).values, image_cost.topk(k, dim=0).values
     total = caption_cost.sum() + image_cost.sum()
     return total if config.reduction == "sum" else total / len(scores)
+
+
+def _violations(scores: Tensor, config: LossConfig, image_ids: Tensor | None) -> tuple[Tensor, Tensor]:
+    """The hinge of every negative against each image's matching caption (rows) and each
+    caption's matching image (columns); 0 where a pair is not a negative."""
+    positive = scores.diagonal()
+    caption_cost = (config.margin + scores - positive[:, None]).clamp(min=0)
+    image_cost = (config.margin + scores - positive[None, :]).clamp(min=0)
+    not_negative = torch.eye(len(scores), dtype=torch.bool, device=scores.device)
+    if image_ids is not None:
+        ids = image_ids.to(scores.device)
+        not_negative = not_negative | (ids[:, None] == ids[None, :])
+    return caption_cost.masked_fill(not_negative, 0), image_cost.masked_fill(not_negative, 0)
 
 
 def cmpm_loss(images: Tensor, texts: Tensor, labels: Tensor, epsilon: float = 1e-8) -> Tensor:

@@ -183,11 +183,11 @@ class Matcher(nn.Module):
     ) -> dict[str, Tensor]:
         """The terms of `loss.terms` (itmatch.losses) on a batch's encodings, caption j's image
         being image j: what a model adds its own terms to."""
-        from itmatch.losses import batch_scores, embedding_terms, triplet_term
+        from itmatch.losses import batch_triplet_term, embedding_terms
 
         terms = {}
         if "triplet" in context.loss.terms:
-            terms["triplet"] = triplet_term(batch_scores(self, images, texts, context), batch, context)
+            terms["triplet"] = batch_triplet_term(self, images, texts, batch, context)
         if self.embedding_key is None:
             return terms
         return terms | embedding_terms(images, texts, self.embedding_key, self.loss_heads, batch, context)
