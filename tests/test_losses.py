@@ -125,3 +125,19 @@ def test_rescoring_the_active_pairs_gives_the_loss_and_gradients_of_scoring_ever
     scale = max(grad.abs().max() for grad in every_grads.values())
     for name, grad in every_grads.items():  # rounding differs: compared with the largest gradient
         assert (active_grads[name] - grad).abs().max() <= 1e-4 * scale, name
+
+
+def test_a_compiled_pair_scorer_trains_to_the_same_loss_and_gradients():
+    model = small_model("cmcan-official").train()
+    scored = []
+    n = 8
+    features, tokens, lengths, adjacency = inputs(n_images=n, n_captions=n, seed=2)
+    batch = {"features": features, "tokens": tokens, "lengths": lengths, **batch_extras(adjacency)}
+    batch["image_index"] = torch.arange(n)
+    loss = build_run_config("cmcan-official").loss
+    eager_loss, eager_grads, _ = training_pass(model, batch, TrainingContext(loss), scored)
+    compiled_loss, compiled_grads, _ = training_pass(model, batch, TrainingContext(loss, compile=True), scored)
+    assert compiled_loss == pytest.approx(eager_loss, rel=1e-5)
+    scale = max(grad.abs().max() for grad in eager_grads.values())
+    for name, grad in eager_grads.items():
+        assert (compiled_grads[name] - grad).abs().max() <= 1e-4 * scale, name

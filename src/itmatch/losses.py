@@ -47,6 +47,14 @@ class TrainingContext:
     global_batch: bool = False
     # Back-propagate through the pairs the triplet loss reads only (`train.backward_pairs`).
     active_pairs: bool = True
+    # Run the pair scorer through torch.compile (`train.compile`).
+    compile: bool = False
+
+    @property
+    def scoring(self) -> ScoringOptions:
+        """How training scores pairs: with the model as it is (under autocast where training runs
+        so), never a copy cast to another precision."""
+        return ScoringOptions(precision="fp32", compile=self.compile)
 
     def gather(self, part: Tensor) -> Tensor:
         """A per-item tensor of this process's batch, extended to the global batch (gradients flow
@@ -81,8 +89,8 @@ def batch_scores(model: Matcher, images: Encoded, texts: Encoded, context: Train
     negatives: this process's images are scored against every process's captions and the strips
     gathered (scoring work is split, not repeated)."""
     if not context.global_batch:
-        return score_grid(model, images, texts)
-    return context.gather(score_grid(model, images, context.gather_encoded(texts)))
+        return score_grid(model, images, texts, context.scoring)
+    return context.gather(score_grid(model, images, context.gather_encoded(texts), context.scoring))
 
 
 def batch_triplet_term(
@@ -139,14 +147,13 @@ def active_pair_scores(
     process rescores the active pairs of its own images.
     """
     texts = context.gather_encoded(texts)
-    exact = ScoringOptions(precision="fp32")  # the model as it is (under autocast if training runs so)
     with torch.no_grad():
-        everything = context.gather(score_grid(model, images, texts, exact))
+        everything = context.gather(score_grid(model, images, texts, context.scoring))
     active = triplet_active_pairs(everything, context.loss, image_ids, context.negatives)
     first = rank() * len(images) if context.global_batch else 0
     own = active[first : first + len(images)]
     image_index, text_index = own.nonzero(as_tuple=True)
-    rescored = score_pairs(model, images, texts, image_index, text_index, exact)
+    rescored = score_pairs(model, images, texts, image_index, text_index, context.scoring)
     strip = everything[first : first + len(images)].masked_fill(~own, float("-inf"))
     return context.gather(strip.index_put((image_index, text_index), rescored))
 

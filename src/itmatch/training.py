@@ -174,7 +174,8 @@ class _Trainer:
             for group in optimizer.param_groups if optimizer else ():
                 group["lr"] = lr * scale * group.get("lr_scale", 1.0)  # states saved before lr_scale have none
         global_batch = train.global_negatives and self.process.world_size > 1
-        context = TrainingContext(self.config.loss, epoch, global_batch, train.backward_pairs == "active")
+        active = train.backward_pairs == "active"
+        context = TrainingContext(self.config.loss, epoch, global_batch, active, train.compile)
         loader = make_loader(self.dataset, 1, train.workers, batch_sampler=self._epoch_batches(epoch))
         self.model.train()
         totals, count = {}, 0
