@@ -88,7 +88,7 @@ def speed(args, device: torch.device) -> None:
 
     with torch.no_grad():
         images, texts = model.encode_images(features, adjacency), model.encode_texts(tokens, lengths)
-    variants = scoring_variants(device)
+    variants = scoring_variants(device, args.every_precision)
     functions = {
         "encoding": lambda: (model.encode_images(features, adjacency), model.encode_texts(tokens, lengths)),
         "reference": lambda: official_style_scores(
@@ -137,7 +137,7 @@ def print_comparison(timings: dict, variants: list[tuple[str, bool]], pairs: int
 def trained_rsum(args) -> None:
     model = load_checkpoint(args.trained)
     split = PrecompSplit(args.data, "test")
-    for precision, compile in scoring_variants(model.device):
+    for precision, compile in scoring_variants(model.device, args.every_precision):
         result = evaluate_split(
             model, split, progress=False, scoring=ScoringOptions(precision=precision, compile=compile)
         )
@@ -148,10 +148,21 @@ def trained_rsum(args) -> None:
         )
 
 
-def scoring_variants(device: torch.device) -> list[tuple[str, bool]]:
+# A precision whose matrix products the calibration found this much slower than fp32 would take
+# hours at the default sizes (bf16 on a CPU without AVX-512 BF16: 1 GFLOP/s against 143).
+HOPELESS_SLOWDOWN = 10
+
+
+def scoring_variants(device: torch.device, every_precision: bool = False) -> list[tuple[str, bool]]:
     """(precision, compile) of each engine variant: auto (the default), fp32 and bf16, and fp16 on a
-    GPU; eager and compiled."""
+    GPU, leaving out those hopelessly slow here unless `every_precision`; eager and compiled."""
+    speeds = calibration(device).gflops
     precisions = ["auto", "fp32", "bf16"] + (["fp16"] if device.type == "cuda" else [])
+    if not every_precision:
+        fast_enough = [p for p in precisions[2:] if speeds.get(p, 0) * HOPELESS_SLOWDOWN >= speeds["fp32"]]
+        for left_out in sorted(set(precisions[2:]) - set(fast_enough)):
+            print(f"{left_out} left out: {speeds[left_out]:.0f} GFLOP/s here against fp32's {speeds['fp32']:.0f}")
+        precisions = precisions[:2] + fast_enough
     return [(precision, compile) for precision in precisions for compile in (False, True)]
 
 
@@ -167,6 +178,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--lengths", type=length_range, default=(12, 12), help="words per caption: 12, or 8-20")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--every-precision", action="store_true", help="also time precisions hopelessly slow here")
     parser.add_argument("--trained", type=Path, help="an itmatch CMCAN checkpoint to compare precisions on")
     parser.add_argument("--data", type=Path, help="its precomp folder (test split)")
     args = parser.parse_args()

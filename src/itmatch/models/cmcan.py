@@ -27,6 +27,7 @@ from itmatch.models.layers import (
     GraphReasoning,
     SimilarityVector,
     SimilarityVectorConfig,
+    attend,
     attention_weights,
     float32_linear,
     l2norm,
@@ -208,10 +209,8 @@ class CMCAN(CrossAttentionMatcher):
         cosines = torch.einsum("...ld,...rd->...lr", words, regions)
         word_weights = attention_weights(cosines, attention, query_mask=mask[..., :, None])
         region_weights = attention_weights(cosines.transpose(-1, -2), attention, key_mask=mask[..., None, :])
-        attended_regions = torch.einsum("...lr,...rd->...ld", word_weights, regions)
-        attended_words = torch.einsum("...rl,...ld->...rd", region_weights, words)
-        if attention.normalize_output:
-            attended_regions, attended_words = l2norm(attended_regions), l2norm(attended_words)
+        attended_regions = attend(word_weights, regions, attention.normalize_output)
+        attended_words = attend(region_weights, words, attention.normalize_output)
 
         word_align = self.word_align(attended_regions, words) * mask[..., None]
         region_align = self.region_align(attended_words, regions)

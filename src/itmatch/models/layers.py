@@ -23,6 +23,26 @@ def l2norm(x: Tensor, dim: int = -1, eps: float = 1e-8) -> Tensor:
     return x / norm
 
 
+def attend(weights: Tensor, items: Tensor, normalize: bool) -> Tensor:
+    """Each query's attended vector sum_k weights[..., q, k] items[..., k, :], l2-normalised as
+    `l2norm` does with `normalize`.
+
+    Where the items are shared by several pairs (a grid tile's images or captions), the norm comes
+    from their Gram matrix, |sum_k w_k x_k|^2 = w^T G w, and divides the weights instead of the
+    result: the (pairs, queries, D) result is then written once and not read again for its norm
+    and its division (exact up to rounding). A list of pairs has one item set per pair, whose Gram
+    matrix would cost more than it saves."""
+    if normalize and items.shape[:-2].numel() < weights.shape[:-2].numel():
+        gram = items.float() @ items.float().transpose(-1, -2)
+        wide = weights.float()
+        squared = (torch.einsum("...qk,...kj->...qj", wide, gram) * wide).sum(-1, keepdim=True)
+        # w^T G w >= 0 up to rounding; the floor keeps the square root's gradient finite
+        norm = squared.clamp(min=torch.finfo(torch.float32).tiny).sqrt() + 1e-8
+        return torch.einsum("...qk,...kd->...qd", (wide / norm).to(weights.dtype), items)
+    attended = torch.einsum("...qk,...kd->...qd", weights, items)
+    return l2norm(attended) if normalize else attended
+
+
 def float32_linear(layer: nn.Linear, x: Tensor) -> Tensor:
     """`layer(x)` in float32 whatever the model's type: a scoring head in bf16 would round the
     scores to steps of 2^-9 near 1, enough to tie and swap near-equal candidates."""
