@@ -119,6 +119,7 @@ RerankK = Annotated[
     int | None, Query(ge=1, le=MAX_RERANK_K, description="score only the first stage's top K (default: the server's)")
 ]
 ImageNumber = Annotated[int, Query(ge=0, description="image number in the index")]
+ImageInPath = Annotated[int, Path(ge=0, description="image number in the index")]
 
 
 LOOPBACK_NAMES = ["127.0.0.1", "localhost", "::1", "[::1]"]
@@ -137,12 +138,15 @@ def create_app(
     )
     if allowed_hosts is not None:
         _check_host_header(app, allowed_hosts)
-    # One query at a time on the model: a single call already keeps every core busy.
-    model_lock = threading.Lock()
-    page = resources.files("itmatch.service").joinpath("static/index.html").read_text(encoding="utf-8")
+    _answer_errors_in_json(app)
+    _add_web_page(app)
+    _add_search_routes(app, index, default_rerank_k)
+    _add_image_routes(app, index)
+    return app
 
-    def rerank_k_or_default(rerank_k: int | None) -> int | None:
-        return default_rerank_k if rerank_k is None else rerank_k
+
+def _answer_errors_in_json(app: FastAPI) -> None:
+    """Every error as {"error": message}: the one shape that the web page and other clients read."""
 
     @app.exception_handler(ItmatchError)
     def bad_request(request: Request, error: ItmatchError) -> JSONResponse:
@@ -157,9 +161,22 @@ def create_app(
         problems = [f"{'.'.join(str(part) for part in e['loc'][1:])}: {e['msg']}" for e in error.errors()]
         return JSONResponse({"error": "; ".join(problems)}, status_code=422)
 
+
+def _add_web_page(app: FastAPI) -> None:
+    page = resources.files("itmatch.service").joinpath("static/index.html").read_text(encoding="utf-8")
+
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     def web_page() -> str:
         return page
+
+
+def _add_search_routes(app: FastAPI, index: SearchIndex, default_rerank_k: int | None) -> None:
+    """/api/info and the endpoints that run the model: searches and explanations."""
+    # One query at a time on the model: a single call already keeps every core busy.
+    model_lock = threading.Lock()
+
+    def rerank_k_or_default(rerank_k: int | None) -> int | None:
+        return default_rerank_k if rerank_k is None else rerank_k
 
     @app.get("/api/info", response_model=IndexInfo)
     def info() -> dict:
@@ -196,19 +213,21 @@ def create_app(
         with model_lock:
             return explain_match(index, image, text)
 
+
+def _add_image_routes(app: FastAPI, index: SearchIndex) -> None:
+    """An indexed image's description and picture: read from the index, without the model."""
+
     @app.get("/api/images/{image}", response_model=ImageInfo, responses=ERRORS)
-    def image_info(image: Annotated[int, Path(ge=0, description="image number in the index")]) -> dict:
+    def image_info(image: ImageInPath) -> dict:
         """An indexed image's id, file name and own captions."""
         return describe_image(index, image)
 
     @app.get("/api/images/{image}/thumbnail", response_class=FileResponse, responses=ERRORS)
-    def thumbnail(image: Annotated[int, Path(ge=0, description="image number in the index")]) -> FileResponse:
+    def thumbnail(image: ImageInPath) -> FileResponse:
         """The picture of an indexed image (JPEG, longest side 384 pixels)."""
         if image >= index.n_images or index.is_removed(image):
             raise HTTPException(404, f"no image {image} in the index: it has {index.n_images} images")
         return FileResponse(_picture_file(index, image), media_type="image/jpeg")
-
-    return app
 
 
 def _picture_file(index: SearchIndex, image: int) -> FilePath:
