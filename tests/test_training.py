@@ -70,6 +70,15 @@ def test_short_training_beats_chance_by_a_wide_margin(data, tmp_path, preset):
     assert list((tmp_path / "tensorboard").iterdir())
 
 
+def test_the_same_seed_trains_the_same_weights(data, tmp_path):
+    config = fast_config("vsepp", train={"epochs": 1})
+    for run in ("one", "two"):
+        torch.manual_seed(hash(run) % 1000)  # whatever the process's random state was
+        train(config, data, tmp_path / run, progress=False, log=quiet)
+    one, two = (read_checkpoint(tmp_path / run / "last.pt")["model"] for run in ("one", "two"))
+    assert one.keys() == two.keys() and all(torch.equal(one[key], two[key]) for key in one)
+
+
 def test_a_run_is_never_overwritten(data, tmp_path):
     config = fast_config("vsepp", train={"epochs": 1})
     train(config, data, tmp_path, progress=False, log=quiet)

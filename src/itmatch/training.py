@@ -85,6 +85,7 @@ def _train(config, data_dir, run_dir, resume, vocab_path, overrides, progress, l
             _refuse_overwrite(run_dir)
         vocab = _word_vocabulary(config, data_dir, vocab_path, run_dir, process, log)
         config = _fit_to_data(config, train_split, vocab)
+        torch.manual_seed(config.train.seed)  # the initial weights are the seed's too
         model, state, optimizer_states = build_model(config), TrainState(), {}
         model.vocab = vocab
         if config.backbone is not None and config.backbone.weights:
