@@ -117,10 +117,10 @@ class TrainConfig:
     # Forward passes under autocast in bf16, or "auto": bf16 where this machine's calibration
     # finds it clearly faster (itmatch.precision); the papers trained in fp32, the default.
     precision: Literal["fp32", "bf16", "auto"] = "fp32"
-    # "active": a cross-attention model under "hardest" or "k:N" negatives scores the batch
-    # without gradients, then again with gradients only the pairs the loss reads (the same loss
-    # and gradients, a fraction of the work: itmatch.losses.active_pair_scores); "all": every
-    # pair with gradients, as the official codes train.
+    # "active": a cross-attention model scores the batch without gradients, then again with
+    # gradients only the pairs the loss reads (the positives and the kept or violating negatives:
+    # the same loss and gradients, a fraction of the work; itmatch.losses.active_pair_scores);
+    # "all": every pair with gradients, as the official codes train.
     backward_pairs: Literal["active", "all"] = "active"
     # Run the pair scorer through torch.compile (measured on a CPU: 5% faster steps after minutes
     # of compiling; see the README's benchmark (e)).

@@ -99,9 +99,10 @@ def batch_triplet_term(
     """The triplet ranking loss of a batch's encodings (caption j's image is image j), of the
     global batch under global negatives; through `active_pair_scores` where that pays."""
     image_ids = _image_ids(batch, context)
-    if _rescores_active_pairs(model, context, len(images)):
+    scores = None
+    if _may_rescore_active_pairs(model, context, len(images)):
         scores = active_pair_scores(model, images, texts, image_ids, context)
-    else:
+    if scores is None:
         scores = batch_scores(model, images, texts, context)
     return triplet_ranking_loss(scores, context.loss, image_ids, context.negatives)
 
@@ -123,33 +124,40 @@ def _image_ids(batch: Mapping[str, Tensor], context: TrainingContext) -> Tensor 
 ACTIVE_SHARE_LIMIT = 0.5
 
 
-def _rescores_active_pairs(model: Matcher, context: TrainingContext, local_batch: int) -> bool:
-    """Only for models that run a network per pair (a dot product costs nothing to redo), whose
-    pair scores do not depend on the other pairs of a tile, under a loss that keeps k negatives
-    per query: then at most (2k + 1) pairs per image are read."""
+def _may_rescore_active_pairs(model: Matcher, context: TrainingContext, local_batch: int) -> bool:
+    """Only for models that run a network per pair (a dot product costs nothing to redo) whose
+    pair scores do not depend on the other pairs of a tile; under "hardest" or "k:N" negatives
+    only where the (2k + 1) pairs per image the loss reads are few enough ("sum" reads the
+    violating pairs: known once the batch is scored)."""
     k = hardest_k(context.negatives)
     batch = local_batch * (world_size() if context.global_batch else 1)
     per_pair_network = not model.scores_by_dot_product and not model.tile_spans_all_images
-    return context.active_pairs and per_pair_network and k is not None and 2 * k + 1 <= ACTIVE_SHARE_LIMIT * batch
+    few_enough = k is None or 2 * k + 1 <= ACTIVE_SHARE_LIMIT * batch
+    return context.active_pairs and per_pair_network and few_enough
 
 
 def active_pair_scores(
     model: Matcher, images: Encoded, texts: Encoded, image_ids: Tensor | None, context: TrainingContext
-) -> Tensor:
-    """The batch's score matrix with gradients at the pairs the triplet loss reads, -inf elsewhere.
+) -> Tensor | None:
+    """The batch's score matrix with gradients at the pairs the triplet loss reads, -inf elsewhere;
+    None where those are more than `ACTIVE_SHARE_LIMIT` of the pairs (under "sum", early in
+    training): scoring every pair with gradients is then cheaper.
 
     Every pair is scored without gradients (cheap: no activations kept, and the pair scorer's
     inference rewrites apply); `triplet_active_pairs` then names the pairs the loss reads, and
     those alone are scored again with gradients, in the training's own precision. The loss and
-    its gradients equal those of scoring every pair with gradients, up to rounding and to which of
-    two negatives within rounding of each other counts as the harder, while the backward pass
-    runs through (2k + 1) pairs per image instead of the batch size. Under global negatives each
-    process rescores the active pairs of its own images.
+    its gradients equal those of scoring every pair with gradients, up to rounding: a negative
+    within rounding of another (the harder of the two) or of the margin (under "sum") may count
+    differently. The backward pass runs through (2k + 1) pairs per image instead of the batch
+    size, or through the violating pairs under "sum". Under global negatives each process
+    rescores the active pairs of its own images.
     """
     texts = context.gather_encoded(texts)
     with torch.no_grad():
         everything = context.gather(score_grid(model, images, texts, context.scoring))
     active = triplet_active_pairs(everything, context.loss, image_ids, context.negatives)
+    if active.float().mean() > ACTIVE_SHARE_LIMIT:  # the same on every process: one matrix
+        return None
     first = rank() * len(images) if context.global_batch else 0
     own = active[first : first + len(images)]
     image_index, text_index = own.nonzero(as_tuple=True)
@@ -161,11 +169,15 @@ def active_pair_scores(
 def triplet_active_pairs(
     scores: Tensor, config: LossConfig, image_ids: Tensor | None = None, negatives: str | None = None
 ) -> Tensor:
-    """The (images, captions) pairs whose scores `triplet_ranking_loss` reads under "hardest" or
-    "k:N" negatives: the matching pairs and each query's k hardest negatives, both directions."""
-    k = min(hardest_k(negatives or config.negatives), len(scores))
+    """The (images, captions) pairs whose scores `triplet_ranking_loss` reads: the matching pairs
+    and, both ways, each query's k hardest negatives ("hardest", "k:N") or every negative that
+    violates the margin ("sum")."""
     caption_cost, image_cost = _violations(scores, config, image_ids)
     active = torch.eye(len(scores), dtype=torch.bool, device=scores.device)
+    k = hardest_k(negatives or config.negatives)
+    if k is None:
+        return active | (caption_cost > 0) | (image_cost > 0)
+    k = min(k, len(scores))
     active.scatter_(1, caption_cost.topk(k, dim=1).indices, True)
     return active.scatter_(0, image_cost.topk(k, dim=0).indices, True)
 
