@@ -82,6 +82,13 @@ def test_the_loss_reads_no_pair_outside_the_active_ones(n, seed, negatives, with
         assert active.sum() <= n * (2 * min(hardest_k(negatives), n) + 1)
 
 
+@pytest.mark.parametrize("negatives", ["hardest", "k:2", "sum"])
+def test_a_nan_score_is_always_among_the_active_pairs(negatives):
+    scores = torch.eye(5)  # every negative satisfies the margin
+    scores[1, 3] = float("nan")
+    assert triplet_active_pairs(scores, LossConfig(margin=0.2, negatives=negatives))[1, 3]
+
+
 # One preset of each architecture that scores pairs with a network (SGRAF's SAF normalises over
 # the tile's images in training, so the rescoring leaves it out).
 PER_PAIR_NETWORKS = ["scan-t2i-ave", "cmcan-official", "gsmn-official-dense", "sgraf-sgr", "dvsa", "sm-lstm"]

@@ -175,8 +175,8 @@ def triplet_active_pairs(
     caption_cost, image_cost = _violations(scores, config, image_ids)
     active = torch.eye(len(scores), dtype=torch.bool, device=scores.device)
     k = hardest_k(negatives or config.negatives)
-    if k is None:
-        return active | (caption_cost > 0) | (image_cost > 0)
+    if k is None:  # (a NaN score counts as read: the loss must turn NaN as it would with every pair)
+        return active | ~((caption_cost <= 0) & (image_cost <= 0))
     k = min(k, len(scores))
     active.scatter_(1, caption_cost.topk(k, dim=1).indices, True)
     return active.scatter_(0, image_cost.topk(k, dim=0).indices, True)
