@@ -161,8 +161,13 @@ def test_every_pair_is_scored_with_gradients_where_most_pairs_are_active(monkeyp
     model = small_model("scan-t2i-ave").train()
     scored = counting_pairs_scored_with_gradients(model, monkeypatch)
     loss = replace(build_run_config("scan-t2i-ave").loss, negatives="sum", margin=10.0)  # all violate
-    training_pass(model, training_batch(12), TrainingContext(loss), scored)
-    assert sum(scored) == 12 * 12
+    context, scoring_calls = TrainingContext(loss), []
+    for _ in range(losses.PROBE_EVERY + 1):
+        training_pass(model, training_batch(12), context, scored)
+        assert sum(scored) == 12 * 12
+        scoring_calls.append(len(scored))
+    # the pass without gradients (and its calls) again only every PROBE_EVERY batches
+    assert scoring_calls[0] > scoring_calls[1] == scoring_calls[-2] < scoring_calls[-1] == scoring_calls[0]
 
 
 def test_a_compiled_pair_scorer_trains_to_the_same_loss_and_gradients():

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
@@ -34,6 +34,25 @@ from itmatch.scoring import ScoringOptions, score_grid, score_pairs
 
 # The shared terms computed on one vector per item.
 VECTOR_TERMS = ("cmpm", "identity")
+
+
+class Probing:
+    """Whether the next batch tries active-pair rescoring. Under "sum" most pairs violate the margin
+    for the first hundreds of steps: after a batch where more than `ACTIVE_SHARE_LIMIT` of them
+    did, the next `PROBE_EVERY - 1` batches score every pair with gradients at once, without the
+    pass that would find that out again (the same share on every process: the decisions agree)."""
+
+    def __init__(self) -> None:
+        self.skip = 0
+
+    def due(self) -> bool:
+        if self.skip:
+            self.skip -= 1
+            return False
+        return True
+
+
+PROBE_EVERY = 10
 
 
 @dataclass(frozen=True)
@@ -49,6 +68,7 @@ class TrainingContext:
     active_pairs: bool = True
     # Run the pair scorer through torch.compile (`train.compile`).
     compile: bool = False
+    probing: Probing = field(default_factory=Probing, compare=False, repr=False)
 
     @property
     def scoring(self) -> ScoringOptions:
@@ -100,8 +120,10 @@ def batch_triplet_term(
     global batch under global negatives; through `active_pair_scores` where that pays."""
     image_ids = _image_ids(batch, context)
     scores = None
-    if _may_rescore_active_pairs(model, context, len(images)):
+    if _may_rescore_active_pairs(model, context, len(images)) and context.probing.due():
         scores = active_pair_scores(model, images, texts, image_ids, context)
+        if scores is None:
+            context.probing.skip = PROBE_EVERY - 1
     if scores is None:
         scores = batch_scores(model, images, texts, context)
     return triplet_ranking_loss(scores, context.loss, image_ids, context.negatives)
