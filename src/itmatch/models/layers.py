@@ -33,8 +33,8 @@ def attend(weights: Tensor, items: Tensor, normalize: bool) -> Tensor:
     and its division (exact up to rounding). A list of pairs has one item set per pair, whose Gram
     matrix would cost more than it saves."""
     if normalize and items.shape[:-2].numel() < weights.shape[:-2].numel():
-        gram = items.float() @ items.float().transpose(-1, -2)
-        wide = weights.float()
+        wide_items, wide = items.float(), weights.float()
+        gram = wide_items @ wide_items.transpose(-1, -2)
         squared = (torch.einsum("...qk,...kj->...qj", wide, gram) * wide).sum(-1, keepdim=True)
         # w^T G w >= 0 up to rounding; the floor keeps the square root's gradient finite
         norm = squared.clamp(min=torch.finfo(torch.float32).tiny).sqrt() + 1e-8
