@@ -107,3 +107,12 @@ def test_training_under_bf16_autocast_keeps_fp32_weights(tmp_path):
     assert torch.isfinite(torch.tensor(state.history[0]["loss"]))
     weights = torch.load(tmp_path / "run" / "last.pt", weights_only=True)["model"]
     assert all(value.dtype == torch.float32 for value in weights.values() if value.is_floating_point())
+
+
+def test_cpus_of_one_model_name_with_other_bf16_extensions_are_other_machines(monkeypatch):
+    def cpu(flags: str):
+        monkeypatch.setattr(precision, "_cpuinfo", lambda: {"model name": "AMD EPYC", "flags": flags})
+        return precision.machine_name(CPU)
+
+    plain, with_bf16 = cpu("fpu avx2"), cpu("fpu avx2 avx512f avx512_bf16")
+    assert plain != with_bf16 and "avx512_bf16" in with_bf16 and plain.startswith("AMD EPYC")
